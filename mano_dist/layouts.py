@@ -1,0 +1,111 @@
+"""Where a matrix's elements live: the only thing that differs between dense and sharded Mano.
+
+A layout answers four questions for the step algorithm in ``functional.py``:
+- ``local(t)``: the local tensor the math works on (here a 2-D block, viewed as (rows, -1));
+- ``dot(x, y, axis)`` / ``expand(v, axis)``: partial per-slice sums of x*y and their broadcast;
+- ``reduce_groups(axis)``: the process groups over which those partial sums must be summed
+  (empty when the axis is complete locally, so no communication at all);
+- ``global_shape``: the matrix's true (m, n), which sets the update scale.
+
+All decisions about which mesh dims shard which axis are made here, from DTensor placements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # DTensor is public since torch 2.5; keep the dense path importable without it.
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment]
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """Tensors with more than 2 dims are treated as (shape[0], prod(rest))."""
+    rest = 1
+    for s in shape[1:]:
+        rest *= s
+    return (shape[0], rest)
+
+
+@dataclass(frozen=True)
+class ReduceGroup:
+    """A process group that shards an axis, with a key that orders collectives identically on
+    every rank (mesh dim first), so ranks never wait on each other in a different order."""
+
+    key: tuple
+    group: Any
+
+
+@dataclass
+class BlockLayout:
+    """A matrix whose local part is a 2-D block: a plain tensor, or a DTensor's local shard."""
+
+    global_shape: tuple[int, int]
+    groups: dict[int, tuple[ReduceGroup, ...]] = field(default_factory=dict)
+
+    def local(self, t: Tensor) -> Tensor:
+        if DTensor is not None and isinstance(t, DTensor):
+            t = t.to_local()
+        return t.view(matrix_shape(t.shape)) if t.ndim > 2 else t
+
+    @staticmethod
+    def dot(x: Tensor, y: Tensor, axis: int) -> Tensor:
+        return torch.linalg.vecdot(x, y, dim=axis)
+
+    @staticmethod
+    def expand(v: Tensor, axis: int) -> Tensor:
+        return v.unsqueeze(axis)
+
+    def reduce_groups(self, axis: int) -> tuple[ReduceGroup, ...]:
+        return self.groups.get(axis, ())
+
+    def axis_is_local(self, axis: int) -> bool:
+        return not self.groups.get(axis)
+
+
+def sharded_axes(placements, ndim: int) -> dict[int, list[int]]:
+    """{matrix axis: [mesh dims sharding it]} from DTensor placements.
+
+    ``Shard(d)`` and ``_StridedShard(d)`` (which in torch 2.13 is *not* a ``Shard`` subclass)
+    both split tensor dim d; dims >= 1 all belong to matrix axis 1 of the (shape[0], -1) view.
+    """
+    axes: dict[int, list[int]] = {}
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, (Shard, _StridedShard)):
+            dim = placement.dim if placement.dim >= 0 else placement.dim + ndim
+            axes.setdefault(0 if dim == 0 else 1, []).append(mesh_dim)
+        elif isinstance(placement, Partial):
+            raise ValueError(
+                "Mano got a DTensor with a Partial placement (pending reduction); reduce the "
+                "gradients (e.g. FSDP2's reduce-scatter) before optimizer.step()."
+            )
+        elif not isinstance(placement, Replicate):
+            raise ValueError(f"Mano does not know the DTensor placement {placement!r}")
+    return axes
+
+
+def layout_for(param: Tensor) -> BlockLayout:
+    """The layout of a parameter: dense, or sharded as its DTensor placements say."""
+    shape = matrix_shape(param.shape)
+    if DTensor is None or not isinstance(param, DTensor):
+        return BlockLayout(shape)
+    mesh = param.device_mesh
+    groups = {
+        axis: tuple(
+            ReduceGroup(key=(mesh_dim, tuple(mesh.mesh.shape)), group=mesh.get_group(mesh_dim))
+            for mesh_dim in mesh_dims
+            if mesh.size(mesh_dim) > 1
+        )
+        for axis, mesh_dims in sharded_axes(param.placements, param.ndim).items()
+    }
+    return BlockLayout(shape, {a: g for a, g in groups.items() if g})
+
+
+def is_distributed_tensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)

@@ -1,0 +1,269 @@
+"""The Mano optimizer: param groups, eager state, the rotation counter, the AdamW fallback and
+the non-finite policy. The math lives in ``functional.py``; where elements live, in ``layouts.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import VARIANTS, adamw_step, mano_matrix_step, momentum_directions
+from .layouts import is_distributed_tensor, layout_for
+from .lockstep import default_all_reduce, run_lockstep
+
+ALGORITHMS = ("mano", "adamw")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """torch.optim-style validation: a ValueError naming the argument."""
+    checks = [
+        ("lr", group["lr"], 0.0 <= group["lr"]),
+        ("momentum", group["momentum"], 0.0 <= group["momentum"] < 1.0),
+        ("weight_decay", group["weight_decay"], 0.0 <= group["weight_decay"]),
+        ("eps", group["eps"], 0.0 < group["eps"]),
+        ("adamw_eps", group["adamw_eps"], 0.0 < group["adamw_eps"]),
+    ]
+    for name, value, ok in checks:
+        if not ok:
+            raise ValueError(f"Invalid {name}: {value}")
+    betas = tuple(group["adamw_betas"])
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid adamw_betas: {group['adamw_betas']} (two values in [0, 1))")
+    if group["variant"] not in VARIANTS:
+        raise ValueError(f"Invalid variant: {group['variant']!r} (one of {', '.join(VARIANTS)})")
+    if group["algorithm"] not in ALGORITHMS:
+        raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {', '.join(ALGORITHMS)})")
+
+
+class Mano(Optimizer):
+    """Mano: momentum projected on the tangent space of the oblique manifold, normalised per
+    column or per row (alternating every optimizer step), for hidden weight matrices; AdamW for
+    everything else (param groups with ``"algorithm": "adamw"``, see :func:`mano_param_groups`).
+
+    Works unchanged on plain tensors and on DTensors (FSDP2, HSDP, tensor parallel): it computes
+    on local shards and all-reduces only per-row/column statistics, and only over the mesh dims
+    that shard the reduced axis.
+
+    Args:
+        params: tensors or param groups; a group may set ``algorithm`` and override any option.
+        lr, weight_decay: learning rate and decoupled weight decay (both algorithms).
+        momentum, nesterov: heavy-ball momentum M <- mu M + g; direction g + mu M if nesterov.
+        eps: guards the slice norms.
+        variant: ``"v1"`` (paper), ``"v2"`` (authors' later rule, default) or ``"both"`` (both
+            axes every step).
+        adamw_betas, adamw_eps: the AdamW fallback.
+        nonfinite: ``"skip"`` (default: a step with any non-finite gradient changes nothing and is
+            counted in ``skipped_steps``), ``"raise"`` (``FloatingPointError`` naming the
+            parameter) or ``"ignore"`` (no check, no synchronisation). On sharded params the
+            decision is taken collectively, so every rank skips or raises together.
+        process_group: group over which that decision is shared (default: the world).
+        mano_params, adamw_params, wd: the official Mano code's keywords, so its users switch
+            by changing an import.
+
+    The rotation axis is k = t mod 2 where t counts optimizer steps; it is kept per param group
+    as ``group["step"]`` (a number, so it survives ``state_dict`` and DCP), and every group
+    advances once per ``step()`` call on it, also when none of its params has a gradient.
+    """
+
+    def __init__(
+        self,
+        params: Iterable | None = None,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        eps: float = 1e-8,
+        variant: str = "v2",
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        *,
+        nonfinite: str = "skip",
+        process_group=None,
+        mano_params: Iterable[Tensor] | None = None,
+        adamw_params: Iterable[Tensor] | None = None,
+        wd: float | None = None,
+    ):
+        if wd is not None:
+            weight_decay = wd
+        if mano_params is not None or adamw_params is not None:
+            if params is not None:
+                raise ValueError("Pass either params or mano_params/adamw_params, not both")
+            params = [{"params": list(mano_params or []), "algorithm": "mano"}]
+            if adamw_params is not None:
+                params.append({"params": list(adamw_params), "algorithm": "adamw"})
+        if params is None:
+            raise ValueError("Mano needs params (or mano_params=/adamw_params=)")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE_POLICIES)})")
+        self.nonfinite = nonfinite
+        self.process_group = process_group
+        self._all_reduce: Callable[[Tensor, Any], None] = default_all_reduce
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            eps=eps,
+            variant=variant,
+            adamw_betas=tuple(adamw_betas),
+            adamw_eps=adamw_eps,
+            algorithm="mano",
+            step=0,
+            skipped_steps=0,
+        )
+        _check_group({**defaults})
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- groups and eager state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validates the group, joins the rotation phase of existing groups, creates its state.
+
+        State is created here, not at the first step, so every rank holds the same keys (DCP)
+        and ``get_state_dict``'s hidden initialisation step never runs.
+        """
+        if "wd" in param_group:
+            param_group = dict(param_group)
+            param_group["weight_decay"] = param_group.pop("wd")
+        if self.param_groups and "step" not in param_group:
+            param_group = {**param_group, "step": self.param_groups[0]["step"]}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group)
+        group["adamw_betas"] = tuple(group["adamw_betas"])
+        for i, p in enumerate(group["params"]):
+            if group["algorithm"] == "mano" and p.ndim < 2:
+                raise ValueError(
+                    f"Mano updates matrices, but param {i} of group {len(self.param_groups) - 1} "
+                    f"has shape {tuple(p.shape)}; put 0-/1-D params (biases, norm gains) in a group "
+                    'with "algorithm": "adamw" (mano_param_groups(model) does this). Under DeepSpeed '
+                    "ZeRO, build the optimizer through mano_dist.deepspeed so it knows the layout."
+                )
+            self._init_state(p, group["algorithm"])
+
+    def _init_state(self, p: Tensor, algorithm: str) -> None:
+        state = self.state[p]
+        if state:
+            return
+        if algorithm == "mano":
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("step", 0)
+            group.setdefault("skipped_steps", 0)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients."""
+        return int(self.param_groups[0]["skipped_steps"]) if self.param_groups else 0
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.nonfinite != "ignore" and not self._gradients_finite():
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return loss
+        matrix_steps = []
+        for group in self.param_groups:
+            if group["algorithm"] == "mano":
+                matrix_steps.extend(self._mano_group(group))
+            else:
+                self._adamw_group(group)
+            group["step"] += 1
+        run_lockstep(matrix_steps, self._all_reduce)
+        return loss
+
+    def _with_grads(self, group):
+        return [p for p in group["params"] if p.grad is not None]
+
+    def _mano_group(self, group):
+        params = self._with_grads(group)
+        if not params:
+            return []
+        layouts = [layout_for(p) for p in params]
+        bufs = [lay.local(self.state[p]["momentum_buffer"]) for p, lay in zip(params, layouts)]
+        grads = [lay.local(p.grad) for p, lay in zip(params, layouts)]
+        directions = momentum_directions(grads, bufs, group["momentum"], group["nesterov"])
+        axis = int(group["step"]) % 2
+        return [
+            (
+                mano_matrix_step(
+                    lay.local(p), d, lay, axis=axis, variant=group["variant"],
+                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                ),
+                lay,
+            )
+            for p, d, lay in zip(params, directions, layouts)
+        ]
+
+    def _adamw_group(self, group):
+        params = self._with_grads(group)
+        if not params:
+            return
+        local = lambda t: t.to_local() if is_distributed_tensor(t) else t  # noqa: E731
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["adamw_betas"]
+        adamw_step(
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+        )
+
+    # ---------------------------------------------------------------- non-finite gradients
+    def _gradients_finite(self) -> bool:
+        """True when every gradient is finite on every rank that shares the params.
+
+        One fused check per step (max |g| per tensor is inf/nan iff the tensor has an inf/nan),
+        plus, when params are sharded, one 4-byte all-reduce so all ranks decide alike.
+        """
+        named = [
+            (gi, pi, p)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        grads = [p.grad.to_local() if is_distributed_tensor(p.grad) else p.grad for _, _, p in named]
+        sharded = any(is_distributed_tensor(p) for _, _, p in named)
+        if not grads and not sharded:
+            return True
+        bad_local = torch.zeros((), device=grads[0].device if grads else "cpu")
+        if grads:
+            maxes = torch._foreach_norm(grads, float("inf"))
+            bad_local = (~torch.isfinite(torch.stack([m.float() for m in maxes]))).any().float()
+        bad = bad_local.clone()
+        if sharded and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
+        if not bad.item():
+            return True
+        if self.nonfinite == "raise":
+            if bad_local.item():
+                first = next(
+                    i for i, m in enumerate(torch._foreach_norm(grads, float("inf"))) if not torch.isfinite(m)
+                )
+                gi, pi, p = named[first]
+                name = self.param_groups[gi].get("param_names", [None] * (pi + 1))[pi]
+                label = f"'{name}'" if name else f"param {pi} of group {gi}"
+                raise FloatingPointError(
+                    f"Non-finite gradient in {label} (shape {tuple(p.shape)}); nothing was updated"
+                )
+            raise FloatingPointError("Non-finite gradient on another rank; nothing was updated")
+        return False
