@@ -191,24 +191,35 @@ class Mano(Optimizer):
     def _with_grads(self, group):
         return [p for p in group["params"] if p.grad is not None]
 
+    def _matrices(self, group, params):
+        """(weight, grad, momentum, layout) for every matrix of ``params``, as local views.
+
+        The one place that maps parameters to matrices: a subclass whose params are not one
+        matrix each (DeepSpeed's flat partitions hold fragments of many) overrides it.
+        """
+        out = []
+        for p in params:
+            lay = layout_for(p)
+            out.append((lay.local(p), lay.local(p.grad), lay.local(self.state[p]["momentum_buffer"]), lay))
+        return out
+
     def _mano_group(self, group):
-        params = self._with_grads(group)
-        if not params:
+        matrices = self._matrices(group, self._with_grads(group))
+        if not matrices:
             return []
-        layouts = [layout_for(p) for p in params]
-        bufs = [lay.local(self.state[p]["momentum_buffer"]) for p, lay in zip(params, layouts)]
-        grads = [lay.local(p.grad) for p, lay in zip(params, layouts)]
-        directions = momentum_directions(grads, bufs, group["momentum"], group["nesterov"])
+        directions = momentum_directions(
+            [m[1] for m in matrices], [m[2] for m in matrices], group["momentum"], group["nesterov"]
+        )
         axis = int(group["step"]) % 2
         return [
             (
                 mano_matrix_step(
-                    lay.local(p), d, lay, axis=axis, variant=group["variant"],
+                    weight, d, lay, axis=axis, variant=group["variant"],
                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                 ),
                 lay,
             )
-            for p, d, lay in zip(params, directions, layouts)
+            for (weight, _, _, lay), d in zip(matrices, directions)
         ]
 
     def _adamw_group(self, group):
@@ -229,6 +240,10 @@ class Mano(Optimizer):
         )
 
     # ---------------------------------------------------------------- non-finite gradients
+    def _shares_params_across_ranks(self, named) -> bool:
+        """Whether ranks hold different parts of the params, so must decide skip/raise together."""
+        return any(is_distributed_tensor(p) for _, _, p in named)
+
     def _gradients_finite(self) -> bool:
         """True when every gradient is finite on every rank that shares the params.
 
@@ -242,7 +257,7 @@ class Mano(Optimizer):
             if p.grad is not None
         ]
         grads = [p.grad.to_local() if is_distributed_tensor(p.grad) else p.grad for _, _, p in named]
-        sharded = any(is_distributed_tensor(p) for _, _, p in named)
+        sharded = self._shares_params_across_ranks(named)
         if not grads and not sharded:
             return True
         bad_local = torch.zeros((), device=grads[0].device if grads else "cpu")
