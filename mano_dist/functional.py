@@ -64,8 +64,8 @@ def momentum_directions(
     """
     if not bufs:
         return []
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, grads)
+    for g, m in zip(grads, bufs):  # one fused pass per tensor (mul_ then add_ would be two)
+        torch.add(g, m, alpha=momentum, out=m)
     if not nesterov:
         return list(bufs)
     torch._foreach_add_(grads, bufs, alpha=momentum)
@@ -98,7 +98,7 @@ def mano_matrix_step(
     ``weight`` and ``direction`` are the local views the layout describes (2-D blocks or 1-D
     fragments). ``layout`` supplies ``dot(x, y, axis)`` (partial per-slice sums of x*y),
     ``expand(v, axis)`` (a per-slice vector broadcast back to the local view),
-    ``axis_is_local(axis)`` and ``global_shape``.
+    and ``global_shape``.
     """
     W = _work_dtype(weight)
     D = _work_dtype(direction)
@@ -106,10 +106,8 @@ def mano_matrix_step(
     decay = 1.0 - lr * weight_decay
     if variant == "both":
         yield from _both_axes(W, D, layout, axis, scale, decay, eps)
-    elif layout.axis_is_local(axis):
-        yield from _projected_exact(W, D, layout, axis, variant, scale, decay, eps)
     else:
-        yield from _projected_one_round(W, D, layout, axis, variant, scale, decay, eps)
+        yield from _projected(W, D, layout, axis, variant, scale, decay, eps)
     if W is not weight:
         weight.copy_(W)
 
@@ -132,26 +130,13 @@ def _normaliser(s_tt: Tensor, variant: str, eps: float) -> Tensor:
     return norm.clamp_(min=eps) if variant == "v1" else norm.add_(eps)
 
 
-def _projected_exact(W, D, layout, axis, variant, scale, decay, eps) -> MatrixStep:
-    """v1/v2 when the reduced axis is local: form T and take its norm directly (no cancellation)."""
-    if variant == "v1":
-        s_ww, s_dw = (yield SliceSums(torch.stack([layout.dot(W, W, axis), layout.dot(D, W, axis)]), axis))
-    else:
-        (s_dw,) = yield SliceSums(layout.dot(D, W, axis).unsqueeze(0), axis)
-        s_ww = None
-    b = _projection_coefficient(s_dw, s_ww, variant, eps)
-    T = torch.addcmul(D, layout.expand(b, axis), W, value=-1.0)
-    (s_tt,) = yield SliceSums(layout.dot(T, T, axis).unsqueeze(0), axis)
-    coef = _normaliser(s_tt, variant, eps).reciprocal_().mul_(-scale)
-    W.mul_(decay).addcmul_(T, layout.expand(coef, axis))
-
-
-def _projected_one_round(W, D, layout, axis, variant, scale, decay, eps) -> MatrixStep:
-    """v1/v2 when the reduced axis is sharded: s_dw, s_dd, s_ww ride one all-reduce.
+def _projected(W, D, layout, axis, variant, scale, decay, eps) -> MatrixStep:
+    """v1/v2: the three slice sums s_dw, s_dd, s_ww in one round (one all-reduce when sharded).
 
     |T|^2 = s_dd - 2 b s_dw + b^2 s_ww. Where that cancels (see CANCELLATION_TOLERANCE) the
     matrix takes a second, exact round. The update W(decay) - c T/|T| is applied as
-    W * (decay + c b/|T|) - (c/|T|) D, so T is never materialised on the common path.
+    W * (decay + c b/|T|) - (c/|T|) D with per-slice coefficients, so T is never materialised
+    on the common path: 3 reductions + 2 elementwise passes over the matrix.
     """
     stats = torch.stack([layout.dot(D, W, axis), layout.dot(D, D, axis), layout.dot(W, W, axis)])
     s_dw, s_dd, s_ww = (yield SliceSums(stats, axis))

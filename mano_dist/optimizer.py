@@ -40,6 +40,24 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {', '.join(ALGORITHMS)})")
 
 
+def _default_device() -> torch.device:
+    """Where a rank with no local gradients puts its flag (NCCL needs a CUDA tensor)."""
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _nonfinite_flags(grads: list[Tensor]) -> Tensor:
+    """One bool per tensor: does it hold an inf or nan? (aminmax is ~20x faster than
+    ``_foreach_norm(inf)`` on CPU, and exact.)"""
+    extremes = [torch.stack(torch.aminmax(g)).float() for g in grads if g.numel()]
+    flags = torch.zeros(len(grads), dtype=torch.bool)
+    if extremes:
+        finite = torch.isfinite(torch.stack(extremes)).all(dim=1).cpu()
+        flags[[i for i, g in enumerate(grads) if g.numel()]] = ~finite
+    return flags
+
+
 class Mano(Optimizer):
     """Mano: momentum projected on the tangent space of the oblique manifold, normalised per
     column or per row (alternating every optimizer step), for hidden weight matrices; AdamW for
@@ -247,8 +265,9 @@ class Mano(Optimizer):
     def _gradients_finite(self) -> bool:
         """True when every gradient is finite on every rank that shares the params.
 
-        One fused check per step (max |g| per tensor is inf/nan iff the tensor has an inf/nan),
-        plus, when params are sharded, one 4-byte all-reduce so all ranks decide alike.
+        One read of every gradient (min/max propagate nan and reach inf; unlike a sum they
+        cannot overflow on finite values) and one host sync per step, plus, when params are
+        sharded, one 4-byte all-reduce so all ranks decide alike.
         """
         named = [
             (gi, pi, p)
@@ -260,20 +279,16 @@ class Mano(Optimizer):
         sharded = self._shares_params_across_ranks(named)
         if not grads and not sharded:
             return True
-        bad_local = torch.zeros((), device=grads[0].device if grads else "cpu")
-        if grads:
-            maxes = torch._foreach_norm(grads, float("inf"))
-            bad_local = (~torch.isfinite(torch.stack([m.float() for m in maxes]))).any().float()
-        bad = bad_local.clone()
+        flags = _nonfinite_flags(grads)
+        bad_local = flags.any().float() if grads else torch.zeros(())
+        bad = bad_local.to(grads[0].device if grads else _default_device())
         if sharded and dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
         if not bad.item():
             return True
         if self.nonfinite == "raise":
             if bad_local.item():
-                first = next(
-                    i for i, m in enumerate(torch._foreach_norm(grads, float("inf"))) if not torch.isfinite(m)
-                )
+                first = int(flags.nonzero()[0])
                 gi, pi, p = named[first]
                 name = self.param_groups[gi].get("param_names", [None] * (pi + 1))[pi]
                 label = f"'{name}'" if name else f"param {pi} of group {gi}"
