@@ -35,11 +35,30 @@ def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ReduceGroup:
-    """A process group that shards an axis, with a key that orders collectives identically on
-    every rank (mesh dim first), so ranks never wait on each other in a different order."""
+    """A process group that shards an axis, and the key its statistics are bucketed under."""
 
     key: tuple
     group: Any
+
+    @classmethod
+    def of(cls, group) -> "ReduceGroup":
+        return cls(group_key(group), group)
+
+
+def group_key(group) -> tuple:
+    """(stride, size, ranks) of a process group.
+
+    Buckets are all-reduced in key order. The same group must get the same key wherever it
+    comes from (a 2-D mesh's dp dim and its 1-D ``mesh["dp"]`` submesh), and every rank must
+    order the *roles* (dp before tp, ...) alike or ranks wait on each other in a cycle. On a
+    device mesh, all groups of one role share the stride between consecutive ranks and the
+    size, and those come first; the ranks only tell apart different groups of a rank.
+    """
+    import torch.distributed as dist
+
+    ranks = tuple(sorted(dist.get_process_group_ranks(group)))
+    stride = ranks[1] - ranks[0] if len(ranks) > 1 else 0
+    return (stride, len(ranks), ranks)
 
 
 @dataclass
@@ -97,11 +116,7 @@ def layout_for(param: Tensor) -> BlockLayout:
         return BlockLayout(shape)
     mesh = param.device_mesh
     groups = {
-        axis: tuple(
-            ReduceGroup(key=(mesh_dim, tuple(mesh.mesh.shape)), group=mesh.get_group(mesh_dim))
-            for mesh_dim in mesh_dims
-            if mesh.size(mesh_dim) > 1
-        )
+        axis: tuple(ReduceGroup.of(mesh.get_group(mesh_dim)) for mesh_dim in mesh_dims if mesh.size(mesh_dim) > 1)
         for axis, mesh_dims in sharded_axes(param.placements, param.ndim).items()
     }
     return BlockLayout(shape, {a: g for a, g in groups.items() if g})

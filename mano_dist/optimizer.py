@@ -281,7 +281,7 @@ class Mano(Optimizer):
             return True
         flags = _nonfinite_flags(grads)
         bad_local = flags.any().float() if grads else torch.zeros(())
-        bad = bad_local.to(grads[0].device if grads else _default_device())
+        bad = bad_local.to(grads[0].device if grads else _default_device(), copy=True)
         if sharded and dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
         if not bad.item():
