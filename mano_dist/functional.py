@@ -96,7 +96,8 @@ def mano_matrix_step(
     """Update one matrix in place; yields the slice sums it needs (see module docstring).
 
     ``weight`` and ``direction`` are the local views the layout describes (2-D blocks or 1-D
-    fragments). ``layout`` supplies ``dot(x, y, axis)`` (partial per-slice sums of x*y),
+    fragments). ``layout`` supplies ``dots(pairs, axis)`` / ``dot(x, y, axis)`` (partial
+    per-slice sums of x*y),
     ``expand(v, axis)`` (a per-slice vector broadcast back to the local view),
     and ``global_shape``.
     """
@@ -138,7 +139,7 @@ def _projected(W, D, layout, axis, variant, scale, decay, eps) -> MatrixStep:
     W * (decay + c b/|T|) - (c/|T|) D with per-slice coefficients, so T is never materialised
     on the common path: 3 reductions + 2 elementwise passes over the matrix.
     """
-    stats = torch.stack([layout.dot(D, W, axis), layout.dot(D, D, axis), layout.dot(W, W, axis)])
+    stats = layout.dots([(D, W), (D, D), (W, W)], axis)
     s_dw, s_dd, s_ww = (yield SliceSums(stats, axis))
     b = _projection_coefficient(s_dw, s_ww, variant, eps)
     s_tt = s_dd - b * (2 * s_dw - b * s_ww)

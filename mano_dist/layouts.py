@@ -74,8 +74,12 @@ class BlockLayout:
         return t.view(matrix_shape(t.shape)) if t.ndim > 2 else t
 
     @staticmethod
-    def dot(x: Tensor, y: Tensor, axis: int) -> Tensor:
-        return torch.linalg.vecdot(x, y, dim=axis)
+    def dots(pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
+        """Partial per-slice sums of x*y for each pair, stacked: shape (len(pairs), slices)."""
+        return block_dots(pairs, axis)
+
+    def dot(self, x: Tensor, y: Tensor, axis: int) -> Tensor:
+        return self.dots([(x, y)], axis)[0]
 
     @staticmethod
     def expand(v: Tensor, axis: int) -> Tensor:
@@ -86,6 +90,42 @@ class BlockLayout:
 
     def axis_is_local(self, axis: int) -> bool:
         return not self.groups.get(axis)
+
+
+# Rows per cache block: ~64K elements (256 KB in fp32) per operand.
+_BLOCK_ELEMENTS = 1 << 16
+
+
+def block_dots(pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
+    """Per-slice dot products of 2-D tensors along ``axis``, all pairs in one sweep.
+
+    On CPU a matrix larger than the cache is memory-bound and ``vecdot(dim=0)`` reads it with a
+    bad stride: sweeping row blocks that stay in cache, computing every pair's products on
+    each block, measured 34 -> 6 ms for the three sums of a (2730, 2048) shard. On
+    accelerators the plain reductions are already bandwidth-optimal.
+    """
+    x0 = pairs[0][0]
+    m, n = x0.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    if x0.device.type != "cpu" or m <= rows:
+        return torch.stack([torch.linalg.vecdot(x, y, dim=axis) for x, y in pairs])
+    if axis == 1:
+        out = torch.empty(len(pairs), m, dtype=x0.dtype, device=x0.device)
+        for start in range(0, m, rows):
+            for i, (x, y) in enumerate(pairs):
+                torch.linalg.vecdot(x[start : start + rows], y[start : start + rows], dim=1,
+                                    out=out[i, start : start + rows])
+        return out
+    acc = torch.zeros(len(pairs), rows, n, dtype=x0.dtype, device=x0.device)
+    whole = m - m % rows
+    for start in range(0, whole, rows):
+        for i, (x, y) in enumerate(pairs):
+            acc[i].addcmul_(x[start : start + rows], y[start : start + rows])
+    out = acc.sum(dim=1)
+    if whole < m:
+        for i, (x, y) in enumerate(pairs):
+            out[i] += torch.linalg.vecdot(x[whole:], y[whole:], dim=0)
+    return out
 
 
 def sharded_axes(placements, ndim: int) -> dict[int, list[int]]:
