@@ -1,0 +1,141 @@
+"""Checks run before any rank touches a checkpoint, so a bad one fails with a clear message
+instead of a hang or a half-loaded model. Each function returns an error (or None) for this rank;
+``Checkpointer.load`` gathers them and raises the same error on every rank."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import layout
+from .errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+
+_CHUNK = 1 << 22
+
+
+def crc32_of(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(path: Path) -> None:
+    """Size and CRC-32 of every file in the checkpoint (everything but the manifest and marker)."""
+    path = Path(path)
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.name not in (layout.MANIFEST, layout.COMPLETE)
+    )
+    entries = {str(p.relative_to(path)): [p.stat().st_size, crc32_of(p)] for p in files}
+    (path / layout.MANIFEST).write_text(json.dumps({"files": entries}, indent=0))
+
+
+def check_present(path: Path) -> CheckpointError | None:
+    """The folder exists and was marked complete."""
+    path = Path(path)
+    if not path.is_dir():
+        return CheckpointNotFoundError(f"Checkpoint folder {str(path)!r} does not exist")
+    if path.name.endswith(layout.TMP_SUFFIX) or not layout.is_complete(path):
+        newest = layout.complete_checkpoints(path.parent)
+        hint = f"; the newest complete one is {str(newest[-1][1])!r}" if newest else ""
+        return IncompleteCheckpointError(
+            f"Checkpoint {str(path)!r} is incomplete (no {layout.COMPLETE} marker): its save was "
+            f"interrupted or is still running{hint}"
+        )
+    return None
+
+
+def check_files(path: Path, rank: int = 0, world_size: int = 1) -> CheckpointError | None:
+    """Every file of the manifest exists with its size; this rank checksums its share of them."""
+    path = Path(path)
+    try:
+        entries = json.loads((path / layout.MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return CorruptCheckpointError(f"Checkpoint {str(path)!r}: cannot read {layout.MANIFEST}: {e}")
+    for i, (name, (size, crc)) in enumerate(sorted(entries.items())):
+        f = path / name
+        if not f.is_file():
+            return CorruptCheckpointError(f"Checkpoint {str(path)!r}: file {name!r} is missing")
+        actual = f.stat().st_size
+        if actual != size:
+            return CorruptCheckpointError(
+                f"Checkpoint {str(path)!r}: file {name!r} is truncated or altered "
+                f"({actual} bytes, {size} were written)"
+            )
+        if i % world_size == rank and crc32_of(f) != crc:
+            return CorruptCheckpointError(
+                f"Checkpoint {str(path)!r}: file {name!r} is corrupted (CRC-32 differs from the one "
+                "recorded at save time)"
+            )
+    return None
+
+
+def read_meta(path: Path) -> tuple[dict[str, Any] | None, CheckpointError | None]:
+    try:
+        meta = torch.load(Path(path) / layout.META, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
+        return None, CorruptCheckpointError(f"Checkpoint {str(path)!r}: cannot read {layout.META}: {e}")
+    return meta, None
+
+
+def read_dcp_metadata(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(path)).read_metadata(), None
+    except Exception as e:  # noqa: BLE001
+        return None, CorruptCheckpointError(
+            f"Checkpoint {str(path)!r}: cannot read the DCP metadata ({layout.DCP_METADATA}): {e}"
+        )
+
+
+def tensor_shapes(state: dict[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor in nested dicts, keyed like DCP flattens them ("a.b.c")."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = tuple(value.shape)  # a DTensor's shape is the global one
+        elif isinstance(value, dict):
+            out.update(tensor_shapes(value, name + "."))
+    return out
+
+
+def check_compatible(expected: dict[str, tuple[int, ...]], metadata, sections=("model.", "optim.state.")):
+    """The first key whose presence or shape differs between this model/optimizer and the file."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {
+        k: tuple(m.size)
+        for k, m in metadata.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata) and k.startswith(sections)
+    }
+    for key, shape in expected.items():
+        if key not in saved:
+            return CheckpointMismatchError(
+                f"Checkpoint does not match this model/optimizer: {key!r} (shape {list(shape)}) is not "
+                f"in the checkpoint"
+            )
+        if saved[key] != shape:
+            return CheckpointMismatchError(
+                f"Checkpoint does not match this model/optimizer: {key!r} has shape "
+                f"{list(saved[key])} in the checkpoint but {list(shape)} here"
+            )
+    for key, shape in saved.items():
+        if key not in expected and key.startswith(tuple(s for s in sections if any(e.startswith(s) for e in expected))):
+            return CheckpointMismatchError(
+                f"Checkpoint does not match this model/optimizer: the checkpoint has {key!r} "
+                f"(shape {list(shape)}), which is not here"
+            )
+    return None
