@@ -20,6 +20,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch without DTensor
+    _DTensor = None
+
 # Dispatcher op name (namespace.name) -> kind. Names from torch 2.13.
 _KINDS = {
     "all_reduce": (
@@ -98,6 +103,11 @@ class CollectiveCounter(TorchDispatchMode):
         self.calls: list[Collective] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # An op on DTensors: let DTensor handle it *under this mode*, so the collectives its
+        # redistribution issues (e.g. gathering a matrix for a matmul) are seen too; calling
+        # func here would run them with this mode switched off.
+        if _DTensor is not None and any(issubclass(t, _DTensor) for t in types):
+            return NotImplemented
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = f"{func.namespace}.{func._schema.name.split('::')[-1]}"

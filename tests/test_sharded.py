@@ -214,6 +214,10 @@ def _nonfinite_and_regression(rank, world_size):
     finally:
         layouts.BlockLayout.local = local
     out["gathering_kinds"] = sorted({c.kind for c in cc.calls})
+    # ... and so is a gather DTensor issues inside an op (Muon's Newton-Schulz matmuls).
+    with CollectiveCounter() as cc:
+        model.w3.weight @ model.w3.weight.T
+    out["matmul_kinds"] = sorted({c.kind for c in cc.calls})
     return out
 
 
@@ -228,3 +232,4 @@ def test_nonfinite_decided_collectively_and_gather_regression_detected(tmp_path)
         expected = "'w3.weight'" if rank == 1 else "another rank"
         assert expected in r["raise"]["raised"], r["raise"]["raised"]
         assert "all_gather" in r["gathering_kinds"], r["gathering_kinds"]
+        assert "all_gather" in r["matmul_kinds"], r["matmul_kinds"]
