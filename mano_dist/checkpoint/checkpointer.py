@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.distributed as dist
 
 from . import layout, rng, validate
@@ -279,7 +280,7 @@ class Checkpointer:
         _agree(error)
         try:
             dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
-        except Exception as e:  # noqa: BLE001 - DCP already raised it on every rank
+        except (Exception, CheckpointException) as e:  # DCP gathered it: raised on every rank
             raise CorruptCheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
         if "optim" in state:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

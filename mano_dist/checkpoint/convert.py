@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import layout, validate
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
@@ -58,7 +59,7 @@ def consolidate(path, out, model_only: bool = False) -> dict[str, Any]:
     try:
         dcp_to_torch_save(str(path), str(out))
         state = torch.load(out, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise CorruptCheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
     if model_only:
         state = state["model"]
