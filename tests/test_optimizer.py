@@ -57,14 +57,21 @@ def test_matches_reference_float64(variant, nesterov):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.M[n], rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2", "both"])
-def test_matches_reference_float32(variant):
-    params = make_params(dtype=torch.float32, shapes={"a": (64, 48), "b": (48, 64), "c": (3, 32)})
-    ref = ReferenceRun(params, params.keys(), lr=0.01, variant=variant)
-    opt = Mano(list(params.values()), lr=0.01, variant=variant)
-    run_steps(opt, params, ref, steps=6)
+@pytest.mark.parametrize("variant,nesterov", list(itertools.product(["v1", "v2", "both"], [True, False])))
+def test_matches_reference_float32(variant, nesterov):
+    """fp32 within 1e-6 of the float64 reference after 7 steps, for every shape."""
+    shapes = dict(SHAPES, big=(64, 48))
+    if variant == "v1":
+        # v1 on a length-1 slice (1 x n reduced over rows): T is 0 up to rounding and
+        # T / clamp(|T|, eps) is rounding noise, in the official code too; float64 covers it.
+        shapes = {n: s for n, s in shapes.items() if n not in ("row", "column")}
+    params = make_params(dtype=torch.float32, shapes=shapes)
+    hp = dict(lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1, eps=1e-8, variant=variant)
+    ref = ReferenceRun(params, params.keys(), **hp)
+    opt = Mano(list(params.values()), **hp)
+    run_steps(opt, params, ref, steps=7)
     for n, p in params.items():
-        torch.testing.assert_close(p.detach().double(), ref.W[n], rtol=1e-5, atol=2e-6, msg=n)
+        torch.testing.assert_close(p.detach().double(), ref.W[n], rtol=0, atol=1e-6, msg=n)
 
 
 def test_bfloat16_params_accumulate_in_float32():
