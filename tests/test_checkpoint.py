@@ -263,7 +263,9 @@ def _training_script(rank, world_size, folder, kill_after, async_save):
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(loss.detach().clone())
+        loss = loss.detach().clone()
+        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)  # extra is rank 0's
+        losses.append(loss)
         ckpt.save(step, model=model, optimizer=opt, scheduler=sched, extra={"losses": losses})
         if step == kill_after:
             if kill_after % 2:  # odd: wait for the save; even: die while it may still be writing
@@ -274,10 +276,17 @@ def _training_script(rank, world_size, folder, kill_after, async_save):
             "kept": sorted(os.listdir(folder))}
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run (sync saves; saving, sync or async, does not touch the trajectory)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    return run_distributed(_training_script, 2, tmp, str(tmp / "run"), None, False)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("kill_after,async_save", [(SAVE_AT, True), (4, True), (SAVE_AT, False)])
-def test_killed_run_resumes_bit_for_bit(tmp_path, kill_after, async_save):
-    straight = run_distributed(_training_script, 2, tmp_path, str(tmp_path / "straight"), None, async_save)
+def test_killed_run_resumes_bit_for_bit(tmp_path, straight_run, kill_after, async_save):
+    straight = straight_run
     folder = str(tmp_path / "run")
     with pytest.raises(AssertionError, match="exited abnormally"):
         run_distributed(_training_script, 2, tmp_path, folder, kill_after, async_save)
