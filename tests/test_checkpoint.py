@@ -442,3 +442,17 @@ def test_single_process_crash_before_marking_keep_last_and_async(tmp_path, monke
     async_ckpt.load(model=model, optimizer=opt, scheduler=sched)
     assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
     assert Checkpointer(tmp_path / "empty").load(model=model) is None
+
+    # RNG states (torch, python, numpy) come back with the checkpoint
+    import random
+
+    import numpy as np
+
+    ckpt.save(6, model=model, optimizer=opt, extra={"data": {"offset": 42}})
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    info = ckpt.load(model=model, optimizer=opt)
+    assert info == {"step": 6, "extra": {"data": {"offset": 42}}, "path": str(tmp_path / "step-6")}
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
+    assert ckpt.load(model=model, optimizer=opt, restore_rng=False) is not None
+    assert not torch.equal(torch.rand(3), again[0])

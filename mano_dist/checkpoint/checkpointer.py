@@ -61,18 +61,6 @@ def _agree(error: CheckpointError | None) -> None:
         raise error
 
 
-def _clone_tensors(obj):
-    """Snapshot for async save: DCP's default staging keeps CPU tensors by reference, and
-    training would overwrite them in place while the background thread writes them."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_tensors(v) for v in obj]
-    return obj
-
-
 def _state_dicts(model, optimizer) -> dict[str, Any]:
     """{"model": ..., "optim": ...} through the standard DCP state-dict API (sharded DTensors)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -117,7 +105,8 @@ class Checkpointer:
     Args:
         folder: holds the ``step-N`` folders (created on first save).
         keep_last: complete checkpoints kept after each save (None or 0 keeps all).
-        async_save: write in a background thread; the call returns once the state is copied.
+        async_save: write in a background thread; the call returns once DCP has staged (copied)
+            the state, so training may overwrite params and optimizer state right away.
         checksums: record CRC-32s at save and verify them on load (each rank checks a share).
     """
 
@@ -151,6 +140,8 @@ class Checkpointer:
 
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if model is None:
+            raise ValueError("Checkpointer.save needs a model")
         self.wait()
         rank = _rank()
         final, tmp = layout.step_dir(self.folder, step), layout.tmp_dir(self.folder, step)
@@ -182,7 +173,7 @@ class Checkpointer:
             _agree(error)
             return str(final)
         future = dcp.async_save(
-            _clone_tensors(state), checkpoint_id=str(tmp), process_group=self._group, no_dist=not _distributed()
+            state, checkpoint_id=str(tmp), process_group=self._group, no_dist=not _distributed()
         )
         self._finalized.clear()
         self._finalize_error = None
