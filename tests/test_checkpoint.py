@@ -420,7 +420,7 @@ def test_single_process_crash_before_marking_keep_last_and_async(tmp_path, monke
         ckpt.save(step, model=model, optimizer=opt, scheduler=sched)
     assert ckpt.checkpoints() == [str(tmp_path / "step-2"), str(tmp_path / "step-3")]
 
-    def interrupted(path):
+    def interrupted(path, **kwargs):
         raise KeyboardInterrupt  # stands for a kill between DCP's metadata and the marker
 
     monkeypatch.setattr(validate, "write_manifest", interrupted)

@@ -164,10 +164,11 @@ class Checkpointer:
         state = _state_dicts(model, optimizer)
         if not self.async_save:
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+            known = self._checksum_share(tmp) if self.checksums and _distributed() else None
             error = None
             if rank == 0:
                 try:
-                    self._finalize(tmp, final)
+                    self._finalize(tmp, final, known)
                 except Exception as e:  # noqa: BLE001 - shared below so no rank waits forever
                     error = CheckpointError(f"Could not mark checkpoint {str(final)!r} complete: {e}")
             _agree(error)
@@ -193,12 +194,18 @@ class Checkpointer:
         finally:
             self._finalized.set()
 
-    def _finalize(self, tmp: Path, final: Path) -> None:
+    def _checksum_share(self, tmp: Path) -> dict[str, list]:
+        """Sync saves: each rank checksums 1/world of the files (all are written once dcp.save
+        returns); rank 0 gets them all. Rank 0 computes any file it did not receive."""
+        names = validate.manifest_files(tmp)
+        mine = validate.file_entries(tmp, names[_rank() :: _world()])
+        shares: list[Any] = [None] * _world()
+        dist.all_gather_object(shares, mine)
+        return {name: entry for share in shares for name, entry in share.items()}
+
+    def _finalize(self, tmp: Path, final: Path, known: dict[str, list] | None = None) -> None:
         """Rank 0, after DCP's last gather (so every rank's files are written): mark complete."""
-        if self.checksums:
-            validate.write_manifest(tmp)
-        else:
-            (tmp / layout.MANIFEST).write_text('{"files": {}}')
+        validate.write_manifest(tmp, checksums=self.checksums, known=known)
         with open(tmp / layout.COMPLETE, "w") as f:
             f.write("complete\n")
             f.flush()

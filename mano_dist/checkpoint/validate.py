@@ -31,14 +31,31 @@ def crc32_of(path: Path) -> int:
     return crc
 
 
-def write_manifest(path: Path) -> None:
-    """Size and CRC-32 of every file in the checkpoint (everything but the manifest and marker)."""
+def manifest_files(path: Path) -> list[str]:
+    """Every file of a checkpoint but the manifest and the marker, relative, sorted."""
     path = Path(path)
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.name not in (layout.MANIFEST, layout.COMPLETE)
+    return sorted(
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and p.name not in (layout.MANIFEST, layout.COMPLETE)
     )
-    entries = {str(p.relative_to(path)): [p.stat().st_size, crc32_of(p)] for p in files}
-    (path / layout.MANIFEST).write_text(json.dumps({"files": entries}, indent=0))
+
+
+def file_entries(path: Path, names, checksums: bool = True) -> dict[str, list]:
+    """{name: [size, CRC-32 or None]} for the given files of ``path``."""
+    path = Path(path)
+    return {n: [(path / n).stat().st_size, crc32_of(path / n) if checksums else None] for n in names}
+
+
+def write_manifest(path: Path, checksums: bool = True, known: dict[str, list] | None = None) -> None:
+    """Record size (and CRC-32) of every file; ``known`` entries (computed by other ranks) are
+    reused, the rest computed here."""
+    path = Path(path)
+    known = known or {}
+    names = manifest_files(path)
+    entries = {**file_entries(path, [n for n in names if n not in known], checksums),
+               **{n: known[n] for n in names if n in known}}
+    (path / layout.MANIFEST).write_text(json.dumps({"files": dict(sorted(entries.items()))}, indent=0))
 
 
 def check_present(path: Path) -> CheckpointError | None:
@@ -73,7 +90,7 @@ def check_files(path: Path, rank: int = 0, world_size: int = 1) -> CheckpointErr
                 f"Checkpoint {str(path)!r}: file {name!r} is truncated or altered "
                 f"({actual} bytes, {size} were written)"
             )
-        if i % world_size == rank and crc32_of(f) != crc:
+        if crc is not None and i % world_size == rank and crc32_of(f) != crc:
             return CorruptCheckpointError(
                 f"Checkpoint {str(path)!r}: file {name!r} is corrupted (CRC-32 differs from the one "
                 "recorded at save time)"
