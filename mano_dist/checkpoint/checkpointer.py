@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import layout, rng, validate
 from .errors import CheckpointError, CorruptCheckpointError
