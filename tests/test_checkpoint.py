@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,10 +172,13 @@ def _assert_continues(result, expected, label, tol=1e-6):
     assert result["loaded"]["group_steps"] == [SAVE_AT, SAVE_AT], (label, result["loaded"]["group_steps"])
     for got, want in zip(result["losses"], expected["losses"][SAVE_AT:]):
         assert abs(float(got) - float(want)) < tol, (label, float(got), float(want))
+    worst = 0.0
     for section in ("params", "momenta"):
         for n, want in expected[section].items():
             err = (result[section][n] - want).abs().max().item()
             assert err < tol, f"{label}: {section} {n} differs by {err:.2e}"
+            worst = max(worst, err)
+    print(f"{label}: max |resumed - uninterrupted| over params and momenta = {worst:.1e}", file=sys.__stderr__)
     assert result["lr"] == [HP["lr"] * 0.5 ** (TOTAL // 2)] * 2, (label, result["lr"])
 
 
