@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-comm bench-checkpoint clean
 
 $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 	VENV=$(VENV) bash launch/setup_env.sh
@@ -22,6 +22,12 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m mano_dist.bench step
+
+bench-comm: $(VENV)/.installed
+	$(PY) -m mano_dist.bench comm
+
+bench-checkpoint: $(VENV)/.installed
+	$(PY) -m mano_dist.bench checkpoint
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
