@@ -10,7 +10,8 @@ from pathlib import Path
 def _records(path: Path) -> list[dict]:
     path = path / "metrics.jsonl" if path.is_dir() else path
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        by_step = {r["step"]: r for r in (json.loads(line) for line in f if line.strip())}
+    return [by_step[s] for s in sorted(by_step)]  # a resumed run re-logs steps: the last wins
 
 
 def plot_runs(paths: list[Path], out: Path, labels: list[str] | None = None) -> Path:

@@ -171,7 +171,8 @@ def main(argv=None) -> int:
         f"{len(splits.train):,} train / {len(splits.val):,} val tokens")
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    # A fresh run starts a new metrics file; a resumed one appends (re-logged steps win).
+    metrics = open(out / "metrics.jsonl", "a" if start else "w") if rank == 0 else None
     per_rank = t.global_batch // world
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast_bf16)
     model.train()
