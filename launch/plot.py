@@ -25,11 +25,11 @@ def plot_runs(paths: list[Path], out: Path, labels: list[str] | None = None) -> 
         path = Path(path)
         recs = _records(path)
         label = labels[i] if labels else (path.parent.name if path.name == "metrics.jsonl" else path.name)
-        ax_train.plot([r["tokens"] for r in recs], [r["loss"] for r in recs], label=label, lw=1)
+        ax_train.plot([r["tokens"] / 1e6 for r in recs], [r["loss"] for r in recs], label=label, lw=1)
         val = [r for r in recs if "val_loss" in r]
-        ax_val.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], marker="o", label=label)
+        ax_val.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], marker="o", label=label)
     for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
-        ax.set_xlabel("tokens")
+        ax.set_xlabel("tokens (millions)")
         ax.set_ylabel("loss")
         ax.set_title(title)
         ax.grid(alpha=0.3)
