@@ -83,3 +83,14 @@ def test_bad_input_fails_clearly_without_hanging(tmp_path, extra, message):
     proc = torchrun(tmp_path, "--resume", "none", *extra)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and message in output, output
+
+
+@pytest.mark.parametrize("name,millions", [("tiny", 5.26), ("130m", 134.1), ("350m", 368.0), ("1b", 1339.1), ("3b", 2685.8)])
+def test_presets_build_on_meta_with_expected_sizes(name, millions):
+    from launch.config import load_config
+    from launch.model import Llama, count_parameters
+
+    cfg = load_config(ROOT / "configs" / f"llama_{name}.toml")
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    assert abs(count_parameters(model) / 1e6 - millions) < 0.05
