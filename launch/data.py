@@ -93,7 +93,7 @@ def prepare(cfg: DataConfig, vocab_size: int) -> tuple[Path, Path]:
     tokenizer.train_from_iterator(iter_documents(files, cfg.jsonl_field), trainer=trainer)
     eot = tokenizer.token_to_id("<|endoftext|>")
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    tmp = tokens_path.with_suffix(".tmp")
+    tmp = tokens_path.with_suffix(f".tmp{os.getpid()}")  # concurrent preparers never share a file
     with open(tmp, "wb") as out:
         batch: list[str] = []
         for doc in iter_documents(files, cfg.jsonl_field):
@@ -102,9 +102,12 @@ def prepare(cfg: DataConfig, vocab_size: int) -> tuple[Path, Path]:
                 _write_tokens(out, tokenizer, batch, eot, dtype)
                 batch = []
         _write_tokens(out, tokenizer, batch, eot, dtype)
-    tokenizer.save(str(tok_path))
-    (cache / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
-                                                 "files": [str(f) for f in files]}))
+    for name, write in (("tokenizer.json", lambda p: tokenizer.save(str(p))),
+                        ("meta.json", lambda p: p.write_text(json.dumps(
+                            {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "files": [str(f) for f in files]})))):
+        part = cache / f"{name}.tmp{os.getpid()}"
+        write(part)
+        os.replace(part, cache / name)
     os.replace(tmp, tokens_path)  # last: the cache entry is complete only when this exists
     return tok_path, tokens_path
 
