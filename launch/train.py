@@ -83,8 +83,21 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _attempt_store() -> dist.Store | None:
+    """torchrun's c10d rendezvous shares the agent's TCPStore with the workers across elastic
+    restarts, and the process group's keys carry no restart count: a restarted worker can read
+    the address a dead worker published and fail to connect. Prefixing the store with the
+    restart count gives each attempt a clean namespace."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False)
+    return dist.PrefixStore(f"mano_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -177,6 +190,7 @@ def main(argv=None) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast_bf16)
     model.train()
     crash_at = int(os.environ.get("MANO_TRAIN_CRASH_AT_STEP", 0)) if start == 0 else 0
+    crash_rank = int(os.environ["MANO_TRAIN_CRASH_RANK"]) if "MANO_TRAIN_CRASH_RANK" in os.environ else None
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         batch = sampler.batch(seen + rank * per_rank, per_rank).to(device)
@@ -212,7 +226,7 @@ def main(argv=None) -> int:
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             ckpt.save(step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
                       extra={"data": {"sequences_seen": seen}})
-        if crash_at == step + 1:  # fault injection for the resume tests: die like a lost node
+        if crash_at == step + 1 and crash_rank in (None, rank):  # fault injection (tests): a lost node
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt.wait()
     if rank == 0:
@@ -225,6 +239,7 @@ def main(argv=None) -> int:
             print(f"final validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.4f})")
         print(f"loss plot: {png}")
     if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing down gloo while a peer still works aborts
         dist.destroy_process_group()
     return 0
 

@@ -21,10 +21,9 @@ SMALL = ["--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n
          "--set", "train.keep_last=5", "--set", "optim.warmup_steps=2"]
 
 
-def torchrun(out_dir, *extra, nproc=2, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--standalone", "-m", "launch.train", "--config", "configs/llama_tiny.toml",
-           "--out-dir", str(out_dir), *SMALL, *extra]
+def torchrun(out_dir, *extra, launcher=("--standalone", "--nproc-per-node", "2"), env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "launch.train",
+           "--config", "configs/llama_tiny.toml", "--out-dir", str(out_dir), *SMALL, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -44,33 +43,76 @@ def final_params(out_dir, step):
     return torch.load(out, weights_only=False)
 
 
+def assert_same_run(a, b):
+    """Same loss at every step and the same final parameters, bit for bit."""
+    assert losses(a) == losses(b)
+    pa, pb = final_params(a, 10), final_params(b, 10)
+    pa, pb = pa.get("model", pa), pb.get("model", pb)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted 2-process run, the reference for the tests below."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = torchrun(out, "--resume", "none")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    return out, output
+
+
 @pytest.mark.distributed
-def test_two_process_run_trains_and_resumes_bit_for_bit_after_kill(tmp_path):
-    straight = torchrun(tmp_path / "straight", "--resume", "none")
-    output = straight.communicate(timeout=600)[0]
-    assert straight.returncode == 0, output
+def test_two_process_run_trains_and_resumes_bit_for_bit_after_kill(tmp_path, straight):
+    out, output = straight
     assert "final validation perplexity" in output and "loss plot:" in output
-    assert (tmp_path / "straight" / "loss.png").stat().st_size > 0
-    steps = losses(tmp_path / "straight")
+    assert (out / "loss.png").stat().st_size > 0
+    steps = losses(out)
     assert sorted(steps) == list(range(1, 11))
     assert steps[10] < steps[1] - 0.5, steps  # stated margin: at least 0.5 nat in 10 steps
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-10", "step-3", "step-6", "step-9"]
 
     # Every rank SIGKILLs itself after step 5 (MANO_TRAIN_CRASH_AT_STEP: a lost node): the
     # newest complete checkpoint is step 3 (odd: the rotation phase must resume right).
-    killed = torchrun(tmp_path / "resumed", "--resume", "none", env={"MANO_TRAIN_CRASH_AT_STEP": "5"})
+    killed = torchrun(tmp_path, "--resume", "none", env={"MANO_TRAIN_CRASH_AT_STEP": "5"})
     output = killed.communicate(timeout=600)[0]
     assert killed.returncode != 0, output
-    resumed = torchrun(tmp_path / "resumed", "--resume", "auto")
+    resumed = torchrun(tmp_path, "--resume", "auto")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output and "at step 3" in output, output
-    assert losses(tmp_path / "resumed") == steps  # every step's loss, bit for bit
-    a, b = final_params(tmp_path / "straight", 10), final_params(tmp_path / "resumed", 10)
-    assert a.keys() == b.keys()
-    for k in a["model"] if "model" in a else a:
-        pa = a["model"][k] if "model" in a else a[k]
-        pb = b["model"][k] if "model" in b else b[k]
-        assert torch.equal(pa, pb), k
+    assert_same_run(out, tmp_path)
+
+
+@pytest.mark.distributed
+def test_elastic_restart_resumes_from_checkpoint(tmp_path, straight):
+    """Rank 1 dies after step 5; torchrun (--max-restarts 1) restarts the workers, which resume
+    from step 3 and end where the uninterrupted run ends."""
+    launcher = ("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
+    proc = torchrun(tmp_path, launcher=launcher,
+                    env={"MANO_TRAIN_CRASH_AT_STEP": "5", "MANO_TRAIN_CRASH_RANK": "1"})
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "resumed from" in output and "at step 3" in output, output
+    assert_same_run(straight[0], tmp_path)
+
+
+@pytest.mark.distributed
+def test_two_nodes_over_loopback_match_one_node(tmp_path, straight):
+    """Two torchrun invocations (--nnodes 2, one process each) rendezvous over c10d on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mano-test")
+    nodes = [torchrun(tmp_path, "--resume", "none", launcher=launcher) for _ in range(2)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs
+    assert any("2 rank(s)" in o for o in outputs), outputs
+    assert_same_run(straight[0], tmp_path)
 
 
 @pytest.mark.parametrize("extra,message", [
