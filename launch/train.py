@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         log(f"error: {next(e for e in errors if e)}", file=sys.stderr)
         dist.destroy_process_group() if dist.is_initialized() else None
         return 2
-    _, tokens_path = prepare(cfg.data, m.vocab_size)
+    tokens_path = prepare(cfg.data, m.vocab_size)
     splits = split(load_tokens(tokens_path), cfg.data.val_fraction, cfg.data.seq_len, t.global_batch)
     sampler = WindowSampler(splits.train, cfg.data.seq_len, t.seed)
     val_windows = validation_batches(splits.val, cfg.data.seq_len, t.eval_sequences)
