@@ -66,11 +66,19 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel degree: colwise wq/wk/wv/w1/w3, rowwise wo/w2; FSDP2 over the rest
+    engine: str = "fsdp2"  # fsdp2 | deepspeed
+    ds_config: str = ""  # DeepSpeed JSON (engine = "deepspeed"), e.g. configs/ds_zero2.json
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,5 +159,16 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    p = cfg.parallel
+    if p.tp < 1 or m.n_heads % p.tp or m.ffn_dim % p.tp:
+        raise ConfigError(f"parallel.tp {p.tp} must be >= 1 and divide model.n_heads ({m.n_heads}) "
+                          f"and model.ffn_dim ({m.ffn_dim})")
+    if p.engine not in ("fsdp2", "deepspeed"):
+        raise ConfigError(f"parallel.engine must be fsdp2 or deepspeed, got {p.engine!r}")
+    if p.engine == "deepspeed" and (not p.ds_config or not Path(p.ds_config).is_file()):
+        raise ConfigError(f"parallel.engine = deepspeed needs parallel.ds_config, a DeepSpeed JSON file "
+                          f"(got {p.ds_config!r})")
+    if p.engine == "deepspeed" and p.tp > 1:
+        raise ConfigError("parallel.tp > 1 is supported with parallel.engine = fsdp2 only")
     if cfg.optim.name not in ("mano", "adamw", "muon"):
         raise ConfigError(f"optim.name must be mano, adamw or muon, got {cfg.optim.name!r}")

@@ -29,6 +29,7 @@ from mano_dist.checkpoint import Checkpointer
 from .config import ConfigError, RunConfig, load_config
 from .data import DataError, WindowSampler, load_tokens, prepare, split, validation_batches
 from .model import Llama, count_parameters
+from .parallel import all_reduce_sum, build_mesh, clip_grad_norm, data_parallel_rank, setup_distributed, shard_model
 
 
 def parse_args(argv=None):
@@ -63,49 +64,6 @@ def build_optimizer(model, cfg: RunConfig):
     raise ConfigError(f"optim.name {o.name!r} is not available in this trainer yet")
 
 
-def shard_model(model, mesh) -> None:
-    """FSDP2 the torchtitan way: each block, then the embedding, then final norm + head, then root."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model.tok_embeddings, mesh=mesh)
-    fully_shard([model.norm, model.output], mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:  # plain `python -m launch.train`: one process, no group
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _attempt_store() -> dist.Store | None:
-    """torchrun's c10d rendezvous shares the agent's TCPStore with the workers across elastic
-    restarts, and the process group's keys carry no restart count: a restarted worker can read
-    the address a dead worker published and fail to connect. Prefixing the store with the
-    restart count gives each attempt a clean namespace."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False)
-    return dist.PrefixStore(f"mano_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
 def evaluate(model, val_windows, rank, world, device) -> float:
     """Mean token loss over the validation windows, split across ranks."""
@@ -132,8 +90,13 @@ def main(argv=None) -> int:
         cfg.train.out_dir = args.out_dir
     t, m = cfg.train, cfg.model
     rank, world, device = setup_distributed()
-    if t.global_batch % world:
-        msg = f"train.global_batch {t.global_batch} is not divisible by the {world} data-parallel ranks"
+    tp = cfg.parallel.tp
+    msg = None
+    if world % tp:
+        msg = f"parallel.tp {tp} does not divide the {world} ranks"
+    elif t.global_batch % (world // tp):
+        msg = f"train.global_batch {t.global_batch} is not divisible by the {world // tp} data-parallel ranks"
+    if msg:  # every rank sees the same numbers: all exit before any collective
         if rank == 0:
             print(f"error: {msg}", file=sys.stderr)
         dist.destroy_process_group() if dist.is_initialized() else None
@@ -164,10 +127,10 @@ def main(argv=None) -> int:
     torch.manual_seed(t.seed)  # same init on every rank, before sharding
     model = Llama(m).to(device)
     n_params = count_parameters(model)
-    if dist.is_initialized():
-        from torch.distributed.device_mesh import init_device_mesh
-
-        shard_model(model, init_device_mesh(device.type, (world,)))
+    mesh = build_mesh(device, world, tp) if dist.is_initialized() else None
+    if mesh is not None:
+        shard_model(model, mesh)
+    dp_rank, dp_size = data_parallel_rank(mesh)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ckpt = Checkpointer(out / "checkpoints", keep_last=t.keep_last, async_save=t.async_checkpoint)
@@ -179,27 +142,27 @@ def main(argv=None) -> int:
         if info is not None:
             start, seen = info["step"], info["extra"]["data"]["sequences_seen"]
             log(f"resumed from {info['path']} at step {start}")
-    log(f"LLaMA {n_params / 1e6:.2f}M params, {world} rank(s) on {device.type}, optimizer {cfg.optim.name}, "
+    log(f"LLaMA {n_params / 1e6:.2f}M params, {world} rank(s) (dp {dp_size}, tp {tp}) on {device.type}, optimizer {cfg.optim.name}, "
         f"{t.steps} steps x {t.global_batch} x {cfg.data.seq_len} tokens, data {cfg.data.source}: "
         f"{len(splits.train):,} train / {len(splits.val):,} val tokens")
 
     out.mkdir(parents=True, exist_ok=True)
     # A fresh run starts a new metrics file; a resumed one appends (re-logged steps win).
     metrics = open(out / "metrics.jsonl", "a" if start else "w") if rank == 0 else None
-    per_rank = t.global_batch // world
+    per_rank = t.global_batch // dp_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast_bf16)
     model.train()
     crash_at = int(os.environ.get("MANO_TRAIN_CRASH_AT_STEP", 0)) if start == 0 else 0
     crash_rank = int(os.environ["MANO_TRAIN_CRASH_RANK"]) if "MANO_TRAIN_CRASH_RANK" in os.environ else None
     for step in range(start, t.steps):
         t0 = time.perf_counter()
-        batch = sampler.batch(seen + rank * per_rank, per_rank).to(device)
+        batch = sampler.batch(seen + dp_rank * per_rank, per_rank).to(device)
         seen += t.global_batch
         with autocast:
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
         t_opt = time.perf_counter()
         optimizer.step()
         t_opt = time.perf_counter() - t_opt
@@ -208,12 +171,12 @@ def main(argv=None) -> int:
         scheduler.step()
         loss_avg = all_reduce_sum(loss.detach().clone()).item() / world
         elapsed = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+        record = {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
                   "tokens": seen * cfg.data.seq_len, "tokens_per_s": t.global_batch * cfg.data.seq_len / elapsed,
                   "opt_step_s": t_opt}
         if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
             model.eval()
-            record["val_loss"] = evaluate(model, val_windows, rank, world, device)
+            record["val_loss"] = evaluate(model, val_windows, dp_rank, dp_size, device)
             record["val_ppl"] = math.exp(record["val_loss"])
             model.train()
         if (step + 1) % t.log_every == 0 or "val_loss" in record or step == start:

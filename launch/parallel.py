@@ -1,0 +1,115 @@
+"""Process group, device mesh and model parallelism for the trainer: the distributed concerns in
+one place.
+
+- ``setup_distributed``: CUDA + NCCL when GPUs are visible, else CPU + gloo; under torchrun's
+  elastic agent the store is namespaced per restart attempt.
+- ``build_mesh``: a ``(dp,)`` or ``(dp, tp)`` device mesh.
+- ``shard_model``: tensor parallel inside each block (torchtitan's LLaMA plan: colwise wq, wk, wv,
+  w1, w3; rowwise wo, w2), then FSDP2 over ``dp``: each block, the embedding, final norm + head,
+  the root.
+- ``clip_grad_norm``: the global gradient norm over parameters that live on different meshes
+  (2-D TP+FSDP blocks, 1-D FSDP embedding), which ``torch.nn.utils.clip_grad_norm_`` cannot mix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+TP_PLAN_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+TP_PLAN_ROWWISE = ("attention.wo", "feed_forward.w2")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:  # plain `python -m launch.train`: one process, no group
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _attempt_store() -> dist.Store | None:
+    """torchrun's c10d rendezvous shares the agent's TCPStore with the workers across elastic
+    restarts, and the process group's keys carry no restart count: a restarted worker can read
+    the address a dead worker published and fail to connect. Prefixing the store with the
+    restart count gives each attempt a clean namespace."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False)
+    return dist.PrefixStore(f"mano_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def build_mesh(device: torch.device, world: int, tp: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if tp == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    return init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def shard_model(model, mesh) -> None:
+    """Tensor parallel per block (when the mesh has a ``tp`` dim), then FSDP2 over ``dp``."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = mesh.mesh_dim_names or ()
+    if "tp" in names:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {n: ColwiseParallel() for n in TP_PLAN_COLWISE} | {n: RowwiseParallel() for n in TP_PLAN_ROWWISE}
+        for block in model.layers:
+            parallelize_module(block, mesh["tp"], plan)
+    dp = mesh["dp"] if "tp" in names else mesh
+    for block in model.layers:
+        fully_shard(block, mesh=dp)
+    fully_shard(model.tok_embeddings, mesh=dp)
+    fully_shard([model.norm, model.output], mesh=dp)
+    fully_shard(model, mesh=dp)
+
+
+def data_parallel_rank(mesh) -> tuple[int, int]:
+    """(rank, size) along ``dp``: tensor-parallel peers read the same batch."""
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp"] if "tp" in (mesh.mesh_dim_names or ()) else mesh
+    return dp.get_local_rank(), dp.size()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm.
+
+    Groups gradients by device mesh, takes each group's norm with torch's own
+    ``get_total_norm`` (a DTensor norm reduces over its mesh exactly once per element), and
+    combines the groups on the host.
+    """
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    total_sq = 0.0
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total_sq += float(norm) ** 2
+    total = math.sqrt(total_sq)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t

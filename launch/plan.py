@@ -1,0 +1,208 @@
+"""Plan a run before renting the GPUs: exact parameter counts, per-GPU memory and optimizer traffic.
+
+    python -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8 [--tp 2]
+
+Builds the model on the meta device (no memory, any size), splits its parameters the way the
+trainer does (hidden matrices to Mano/Muon, embeddings, head and 1-D params to AdamW) and prints:
+
+- parameter counts per role, exact;
+- per-GPU memory for params, grads and optimizer state under FSDP2 and ZeRO-1/2/3, for AdamW,
+  Mano and Muon (bytes per element below; activations are not included: they depend on the
+  batch, the sequence length and activation checkpointing);
+- optimizer communication per step and rank, from the same per-slice rule the optimizer follows
+  (``mano_dist.layouts``): for axis k, 3 statistics per slice are all-reduced over the mesh
+  groups that shard axis k, nothing when axis k is local.
+
+Memory model (the usual accounting, bf16 compute):
+  FSDP2    fp32 params, fp32 grads, optimizer state: all sharded over dp x tp.
+  ZeRO-1   bf16 params + bf16 grads replicated; fp32 master + optimizer state partitioned.
+  ZeRO-2   bf16 params replicated; bf16 grads, fp32 master, optimizer state partitioned.
+  ZeRO-3   everything partitioned.
+  State    AdamW 8 B/element (exp_avg, exp_avg_sq); Mano and Muon 4 B per matrix element
+           (one momentum buffer) and AdamW's 8 B for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mano_dist.layouts import matrix_shape
+from mano_dist.param_groups import classify_parameters
+
+from .config import ConfigError, load_config
+from .model import Llama
+
+GiB = 2**30
+MiB = 2**20
+# Which of the LLaMA block's matrices tensor parallelism splits by output rows (colwise) or by
+# input columns (rowwise); the trainer's TP plan.
+COLWISE = ("wq", "wk", "wv", "w1", "w3")
+ROWWISE = ("wo", "w2")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    matrices: list[tuple[str, tuple[int, int]]]  # (name, (rows, cols)) of every Mano matrix
+    embeddings: int
+    head: int
+    other: int  # norms, biases: 1-D, on AdamW
+
+    @property
+    def matrix_elements(self) -> int:
+        return sum(m * n for _, (m, n) in self.matrices)
+
+    @property
+    def fallback(self) -> int:
+        return self.embeddings + self.head + self.other
+
+    @property
+    def total(self) -> int:
+        return self.matrix_elements + self.fallback
+
+
+def count_parameters_by_role(model: torch.nn.Module) -> ParamCounts:
+    mano, adamw = classify_parameters(model)
+    embeddings = sum(p.numel() for n, p in adamw if "embed" in n)
+    head = sum(p.numel() for n, p in adamw if n.startswith("output."))
+    other = sum(p.numel() for _, p in adamw) - embeddings - head
+    return ParamCounts([(n, matrix_shape(p.shape)) for n, p in mano], embeddings, head, other)
+
+
+def memory_per_gpu(counts: ParamCounts, strategy: str, dp: int, tp: int = 1) -> dict[str, float]:
+    """Bytes per GPU: params, grads, and optimizer state for each optimizer."""
+    P, M, F = counts.total, counts.matrix_elements, counts.fallback
+    shards = dp * tp
+    if strategy == "fsdp2":
+        params, grads = 4 * P / shards, 4 * P / shards
+    elif strategy == "zero1":
+        params, grads = 2 * P / tp + 4 * P / shards, 2 * P / tp
+    elif strategy == "zero2":
+        params, grads = 2 * P / tp + 4 * P / shards, 2 * P / shards
+    elif strategy == "zero3":
+        params, grads = 6 * P / shards, 2 * P / shards
+    else:
+        raise ValueError(f"strategy: unknown {strategy!r}")
+    return {"params": params, "grads": grads, "adamw": 8 * P / shards,
+            "mano": (4 * M + 8 * F) / shards, "muon": (4 * M + 8 * F) / shards}
+
+
+def _sharding(name: str, strategy: str, dp: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Group sizes that shard (rows, columns) of one matrix."""
+    role = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
+    rows, cols = [], []
+    if tp > 1 and role in COLWISE:
+        rows.append(tp)
+    if tp > 1 and role in ROWWISE:
+        cols.append(tp)
+    if dp > 1:
+        rows.append(dp)  # FSDP2 Shard(0); a ZeRO flat partition also cuts rows (and columns, below)
+    return tuple(rows), tuple(cols)
+
+
+def _all_reduce_wire(payload: float, group: int) -> float:
+    """Bytes one rank sends in a bandwidth-optimal (ring) all-reduce."""
+    return 2 * (group - 1) / group * payload
+
+
+def _gather_wire(full: float, group: int) -> float:
+    return (group - 1) / group * full
+
+
+def optimizer_traffic(counts: ParamCounts, dp: int, tp: int = 1) -> dict[str, float]:
+    """Optimizer bytes sent per rank per optimizer step (averaged over the two rotation phases)."""
+    mano_fsdp = 0.0
+    for name, (m, n) in counts.matrices:
+        rows, cols = _sharding(name, "fsdp2", dp, tp)
+        n_local, m_local = n // math.prod(cols), m // math.prod(rows)
+        # axis 0: one statistic per (local) column, reduced over the groups that shard rows;
+        # axis 1: per (local) row, over the groups that shard columns. Half the steps each.
+        mano_fsdp += sum(_all_reduce_wire(3 * n_local * 4, g) for g in rows) / 2
+        mano_fsdp += sum(_all_reduce_wire(3 * m_local * 4, g) for g in cols) / 2
+    # ZeRO: a flat partition can cut any row or column, so every matrix's full statistics
+    # vector rides the all-reduce on every step (per slice of the step's axis).
+    slices = sum((m + n) / 2 for _, (m, n) in counts.matrices)
+    mano_zero = _all_reduce_wire(3 * slices * 4, dp) if dp > 1 else 0.0
+    full = counts.matrix_elements * 4  # fp32 bytes of every matrix
+    shards = dp * tp
+    return {
+        "adamw": 0.0,
+        "mano_fsdp2": mano_fsdp,
+        "mano_zero": mano_zero,
+        "muon_fsdp2_gather": _gather_wire(full, shards),  # at least one gather of each update
+        "dion_all_to_all": 2 * (shards - 1) / shards * (counts.matrix_elements / shards) * 2,  # bf16
+        "deepspeed_muon_zero3": 2 * _gather_wire(full, dp),  # gathers grad and momentum
+    }
+
+
+def _fmt_gib(b: float) -> str:
+    return f"{b / GiB:9.2f}"
+
+
+def _fmt_mib(b: float) -> str:
+    return f"{b / MiB:12.2f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the config's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        ap.error(str(e))
+    world = args.nodes * args.gpus_per_node
+    tp = args.tp if args.tp is not None else cfg.parallel.tp
+    if world < 1 or tp < 1 or world % tp:
+        ap.error(f"{world} GPUs cannot be split into tensor-parallel groups of {tp}")
+    if tp > 1 and (cfg.model.n_heads % tp or cfg.model.ffn_dim % tp):
+        ap.error(f"--tp {tp} must divide model.n_heads ({cfg.model.n_heads}) and model.ffn_dim ({cfg.model.ffn_dim})")
+    dp = world // tp
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    c = count_parameters_by_role(model)
+
+    print(f"{args.config}: {c.total:,} parameters ({c.total / 1e9:.3f} B)")
+    print(f"  hidden matrices (Mano) {c.matrix_elements:>15,}  ({len(c.matrices)} matrices)")
+    print(f"  token embeddings       {c.embeddings:>15,}  (AdamW)")
+    print(f"  output head            {c.head:>15,}  (AdamW)")
+    print(f"  norms and biases       {c.other:>15,}  (AdamW)")
+    print(f"\n{args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {world} ranks: data parallel {dp}, tensor parallel {tp}")
+    print("\nper-GPU memory, GiB (params + grads + optimizer state; activations not included)")
+    print(f"{'strategy':<8}{'params':>9}{'grads':>9}{'AdamW st':>9}{'Mano st':>9}{'Muon st':>9}"
+          f"{'= AdamW':>9}{'= Mano':>9}{'= Muon':>9}")
+    for strategy in ("fsdp2", "zero1", "zero2", "zero3"):
+        mem = memory_per_gpu(c, strategy, dp, tp)
+        base = mem["params"] + mem["grads"]
+        print(f"{strategy:<8}{_fmt_gib(mem['params'])}{_fmt_gib(mem['grads'])}{_fmt_gib(mem['adamw'])}"
+              f"{_fmt_gib(mem['mano'])}{_fmt_gib(mem['muon'])}{_fmt_gib(base + mem['adamw'])}"
+              f"{_fmt_gib(base + mem['mano'])}{_fmt_gib(base + mem['muon'])}")
+    largest = max(m * n for _, (m, n) in c.matrices) * 4
+    print(f"Muon also needs each full matrix on the rank that orthogonalises it: {largest / MiB:,.0f} MiB "
+          f"(largest, fp32) plus Newton-Schulz workspace; Mano's transients are local-shard sized.")
+
+    t = optimizer_traffic(c, dp, tp)
+    print("\noptimizer communication per step and rank (ring algorithms; MiB sent)")
+    rows = [("AdamW", "none", t["adamw"]),
+            ("Mano, FSDP2/TP", "all-reduce of per-slice statistics", t["mano_fsdp2"]),
+            ("Mano, ZeRO 1-3", "one all-reduce of per-slice statistics", t["mano_zero"]),
+            ("Muon, FSDP2", "all-gather of every matrix (>= 1x)", t["muon_fsdp2_gather"]),
+            ("Dion-style Muon", "2 all-to-alls of every matrix, bf16", t["dion_all_to_all"]),
+            ("DeepSpeed Muon, ZeRO-3", "all-gather of grad and momentum", t["deepspeed_muon_zero3"])]
+    for name, how, b in rows:
+        print(f"  {name:<24}{_fmt_mib(b)}   {how}")
+    print("  (DeepSpeed Muon on ZeRO-1/2 sends nothing extra but runs Newton-Schulz on every full "
+          "matrix on every rank.)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
