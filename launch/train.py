@@ -64,6 +64,15 @@ def build_optimizer(model, cfg: RunConfig):
     raise ConfigError(f"optim.name {o.name!r} is not available in this trainer yet")
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 @torch.no_grad()
 def evaluate(model, val_windows, rank, world, device) -> float:
     """Mean token loss over the validation windows, split across ranks."""
@@ -192,6 +201,11 @@ def main(argv=None) -> int:
         if crash_at == step + 1 and crash_rank in (None, rank):  # fault injection (tests): a lost node
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt.wait()
+    peaks = [peak_memory_gib(device)]
+    if dist.is_initialized():
+        peaks = [None] * world
+        dist.all_gather_object(peaks, peak_memory_gib(device))
+    log("peak memory per rank, GiB: " + ", ".join(f"{p:.2f}" for p in peaks))
     if rank == 0:
         metrics.close()
         from .plot import plot_runs
