@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-mini test test-fast bench bench-comm bench-checkpoint clean
+.PHONY: setup demo demo-mini test test-fast bench bench-step bench-comm bench-memory bench-e2e bench-checkpoint compare plan clean
 
 $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 	VENV=$(VENV) bash launch/setup_env.sh
@@ -25,14 +25,36 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q -m "not slow"
 
-bench: $(VENV)/.installed
-	$(PY) -m mano_dist.bench step
+# Every benchmark figure in docs/benchmarks.md, each a ratio measured within one command;
+# outputs also land in runs/bench/.
+bench: bench-step bench-comm bench-memory bench-e2e
+
+bench-step: $(VENV)/.installed
+	@mkdir -p runs/bench
+	$(PY) -m mano_dist.bench step --model 1.3b --layers 4 | tee runs/bench/step_1.3b.txt
+	$(PY) -m mano_dist.bench step --model 130m | tee runs/bench/step_130m.txt
+
+bench-memory: $(VENV)/.installed
+	@mkdir -p runs/bench
+	$(PY) -m mano_dist.bench memory | tee runs/bench/memory.txt
+
+bench-e2e: $(VENV)/.installed
+	@mkdir -p runs/bench
+	$(PY) -m launch.throughput | tee runs/bench/e2e.txt
 
 bench-comm: $(VENV)/.installed
-	$(PY) -m mano_dist.bench comm
+	@mkdir -p runs/bench
+	$(PY) -m mano_dist.bench comm | tee runs/bench/comm.txt
 
 bench-checkpoint: $(VENV)/.installed
 	$(PY) -m mano_dist.bench checkpoint
+
+# The convergence study (about 30 minutes on 2 CPU cores): plots and table in runs/compare/.
+compare: $(VENV)/.installed
+	$(PY) -m launch.compare --out runs/compare
+
+plan: $(VENV)/.installed
+	$(PY) -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
