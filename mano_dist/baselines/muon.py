@@ -1,0 +1,78 @@
+"""``torch.optim.Muon`` with the same AdamW fallback as Mano, as one optimizer.
+
+``torch.optim.Muon`` accepts only 2-D params, so models need a second optimizer for embeddings,
+the head and 1-D params; this subclass runs torch's own Muon step on the ``"muon"`` groups and
+Mano's AdamW rule on the ``"adamw"`` groups, so one object serves LR schedulers, checkpoints
+and the recipes. Under FSDP2, torch's Muon lets DTensor gather each matrix for Newton-Schulz
+(the communication the benchmarks compare against). State is created eagerly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from ..functional import adamw_step
+from .tensors import local
+
+
+class MuonAdamW(torch.optim.Muon):
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, adamw_betas=(0.9, 0.95), adamw_eps: float = 1e-8,
+                 adjust_lr_fn: str | None = "match_rms_adamw", ns_steps: int = 5):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid lr: {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        algorithm="muon", step=0)
+        Optimizer.__init__(self, params, defaults)  # torch's Muon.__init__ rejects non-2-D params
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["algorithm"] not in ("muon", "adamw"):
+            raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (muon or adamw)")
+        for i, p in enumerate(group["params"]):
+            state = self.state[p]
+            if group["algorithm"] == "muon":
+                if p.ndim != 2:
+                    raise ValueError(f"Muon updates 2-D matrices; param {i} has shape {tuple(p.shape)}: "
+                                     'put it in an "adamw" group (mano_param_groups(model) does this)')
+                state.setdefault("momentum_buffer", torch.zeros_like(p))
+            else:
+                state.setdefault("step", torch.tensor(0.0))
+                state.setdefault("exp_avg", torch.zeros_like(p))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        try:  # torch's Muon step over the Muon groups only
+            self.param_groups = [g for g in groups if g["algorithm"] == "muon"]
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in groups:
+            if group["algorithm"] == "adamw":
+                params = [p for p in group["params"] if p.grad is not None]
+                states = [self.state[p] for p in params]
+                b1, b2 = group["adamw_betas"]
+                adamw_step([local(p) for p in params], [local(p.grad) for p in params],
+                           [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+                           [s["step"] for s in states], lr=group["lr"], beta1=b1, beta2=b2,
+                           eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+            group["step"] += 1
+        return loss

@@ -1,0 +1,120 @@
+"""MuonMax (Gower et al., "An Exploration of Non-Euclidean Gradient Descent", arXiv 2510.09827).
+
+Steepest descent when the layers' norms are aggregated by their *max* (spectral norm for hidden
+matrices, AdamW's preconditioned norm for the rest). The un-normalised step along the polar
+factor is then scaled by the dual norm, the sum over matrices of the nuclear norms, a
+cross-layer scalar. As implemented (``../shared/notes/algorithm.md``), per optimizer step t:
+
+    matrices l:  M_l <- b M_l + (1 - b) G_l                     (EMA momentum)
+                 P_l  = polar(M_l)                              (Newton-Schulz, 5 steps)
+                 N    = sum_l <M_l, P_l>                        (~ sum of nuclear norms)
+                 W_l <- (1 - lr wd) W_l - lr s N P_l
+    the rest:    AdamW (bias-corrected m / (eps + sqrt v)), the same rule as Mano's fallback.
+
+Defaults b = 0.95, s = 10. Choices where the summary is silent: N uses the Newton-Schulz P
+(not an exact SVD), so it is the nuclear norm up to Newton-Schulz's singular-value spread; the
+AdamW part is not scaled by N (the summary's "AdamW-like rule for the rest").
+
+Under FSDP2 each matrix's momentum is gathered whole (``full_tensor``) to orthogonalise it, as
+Muon must; every rank then holds the same full M_l and P_l, so N needs no further collective,
+and each rank keeps its own shard of P_l. ``Momo`` (``momo.py``) wraps this optimizer too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import adamw_step
+from .polar import newton_schulz
+from .tensors import full, local, local_part
+
+ALGORITHMS = ("muonmax", "adamw")
+
+
+def _check(group: dict[str, Any]) -> None:
+    checks = [
+        ("lr", 0.0 <= group["lr"]),
+        ("momentum", 0.0 <= group["momentum"] < 1.0),
+        ("scale", 0.0 < group["scale"]),
+        ("weight_decay", 0.0 <= group["weight_decay"]),
+        ("adamw_eps", 0.0 < group["adamw_eps"]),
+        ("ns_steps", int(group["ns_steps"]) >= 1),
+        ("adamw_betas", len(group["adamw_betas"]) == 2 and all(0.0 <= b < 1.0 for b in group["adamw_betas"])),
+        ("algorithm", group["algorithm"] in ALGORITHMS),
+    ]
+    for name, ok in checks:
+        if not ok:
+            raise ValueError(f"Invalid {name}: {group[name]!r}")
+
+
+class MuonMax(Optimizer):
+    """MuonMax for hidden matrices (groups with ``"algorithm": "muonmax"``, the default) and
+    AdamW for the rest (``"algorithm": "adamw"``); see the module docstring for the rule."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.95, scale: float = 10.0,
+                 weight_decay: float = 0.1, adamw_betas=(0.9, 0.95), adamw_eps: float = 1e-8, ns_steps: int = 5):
+        defaults = dict(lr=lr, momentum=momentum, scale=scale, weight_decay=weight_decay,
+                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, ns_steps=ns_steps,
+                        algorithm="muonmax", step=0)
+        _check(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["adamw_betas"] = tuple(group["adamw_betas"])
+        _check(group)
+        for i, p in enumerate(group["params"]):
+            state = self.state[p]
+            if group["algorithm"] == "muonmax":
+                if p.ndim < 2:
+                    raise ValueError(f"MuonMax orthogonalises matrices; param {i} has shape {tuple(p.shape)}: "
+                                     'put it in an "adamw" group (mano_param_groups(model) does this)')
+                state.setdefault("momentum_buffer", torch.zeros_like(p))
+            else:
+                state.setdefault("step", torch.tensor(0.0))
+                state.setdefault("exp_avg", torch.zeros_like(p))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Pass 1: momentum, polar factors (local shards kept) and the global scalar N.
+        polar: dict[Tensor, Tensor] = {}
+        nuclear = 0.0
+        for group in self.param_groups:
+            if group["algorithm"] != "muonmax":
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                M = self.state[p]["momentum_buffer"]
+                local(M).lerp_(local(p.grad), 1 - group["momentum"])
+                M_full = full(M)
+                P_full = newton_schulz(M_full, group["ns_steps"])
+                nuclear += float(torch.vdot(M_full.reshape(-1).double(), P_full.reshape(-1).double()))
+                polar[p] = local_part(P_full, M)
+        # Pass 2: the updates.
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            if group["algorithm"] == "muonmax":
+                for p in group["params"]:
+                    if p in polar:
+                        local(p).mul_(1 - lr * wd).add_(polar[p].view_as(local(p)), alpha=-lr * group["scale"] * nuclear)
+            else:
+                params = [p for p in group["params"] if p.grad is not None]
+                states = [self.state[p] for p in params]
+                adamw_step([local(p) for p in params], [local(p.grad) for p in params],
+                           [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+                           [s["step"] for s in states], lr=lr, beta1=group["adamw_betas"][0],
+                           beta2=group["adamw_betas"][1], eps=group["adamw_eps"], weight_decay=wd)
+            group["step"] += 1
+        self._last_nuclear = nuclear
+        return loss
