@@ -1,0 +1,126 @@
+"""Mano on DeepSpeed ZeRO's flat fp32 partitions.
+
+Same update as :class:`mano_dist.Mano` (same ``functional.py`` generators, same lockstep
+driver); only ``_matrices`` differs: it cuts each flat partition into per-matrix fragment views
+(``zero_metadata.py``) with a :class:`FlatFragmentLayout`, so every matrix's per-row/column
+statistics are completed by one all-reduce over the data-parallel group per ``step()`` call.
+Momentum and AdamW moments are one flat buffer per partition: they never exist at full size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..layouts import ReduceGroup, matrix_shape
+from ..lockstep import run_lockstep
+from ..optimizer import Mano
+from .fragments import FlatFragmentLayout
+from .zero_metadata import FlatPartition, flat_partitions, zero_stage_of
+
+
+class DeepSpeedMano(Mano):
+    """:class:`mano_dist.Mano` for ``deepspeed.initialize`` (ZeRO stages 0-3).
+
+    Built by DeepSpeed from ``"optimizer": {"type": "Mano"}`` after ``import mano_dist.deepspeed``,
+    or passed as ``optimizer=`` with :func:`mano_dist.mano_param_groups` groups. The engine calls
+    :meth:`attach` once ZeRO has replaced the params by flat partitions; state is created there
+    (eagerly, on the partitions), never for the full-size params.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._attached = False
+        self._partitions: dict[int, FlatPartition] = {}
+        self._layouts: dict[int, list] = {}
+        self.zero_stage = 0
+        super().__init__(*args, **kwargs)
+
+    def _init_state(self, p, algorithm):
+        if self._attached:
+            super()._init_state(p, algorithm)
+
+    # ---------------------------------------------------------------- binding to the engine
+    def attach(self, engine) -> None:
+        """Read the ZeRO layout of ``engine.optimizer`` and create state on what this rank holds."""
+        zopt = engine.optimizer
+        self.zero_stage = engine.zero_optimization_stage() if zopt is not self else 0
+        if self.zero_stage >= 1:
+            zero_stage_of(zopt)  # unknown wrapper types fail here, with the supported list
+            self.process_group = zopt.dp_process_group
+            size = dist.get_world_size(self.process_group)
+            groups = (ReduceGroup.of(self.process_group),) if size > 1 else ()
+            self._partitions = {id(part.flat): part for part in flat_partitions(zopt)}
+            self._layouts = {
+                key: [
+                    FlatFragmentLayout(matrix_shape(f.shape), f.param_start, f.numel, groups)
+                    for f in part.fragments
+                ]
+                for key, part in self._partitions.items()
+            }
+            flats = [(part.flat, self.param_groups[part.group_index]["algorithm"])
+                     for part in self._partitions.values()]
+        else:
+            flats = [(p, g["algorithm"]) for g in self.param_groups for p in g["params"]]
+        self.state.clear()
+        self._attached = True
+        for p, algorithm in flats:
+            self._init_state(p, algorithm)
+
+    # ---------------------------------------------------------------- Mano hooks
+    def _matrices(self, group, params):
+        if self.zero_stage == 0:
+            return super()._matrices(group, params)
+        out = []
+        for flat in params:
+            part = self._partitions.get(id(flat))
+            if part is None:
+                raise ValueError(
+                    "DeepSpeedMano got a flat tensor it has no ZeRO layout for; it must be built "
+                    "by deepspeed.initialize after `import mano_dist.deepspeed` (which calls attach)"
+                )
+            momentum = self.state[flat]["momentum_buffer"]
+            for f, lay in zip(part.fragments, self._layouts[id(flat)]):
+                cut = slice(f.flat_start, f.flat_start + f.numel)
+                out.append((flat[cut], flat.grad[cut], momentum[cut], lay))
+        return out
+
+    def _shares_params_across_ranks(self, named) -> bool:
+        return self.zero_stage >= 1 and dist.get_world_size(self.process_group) > 1
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One DeepSpeed call: the param group (stages 1/2) or sub-group (stage 3) it swapped in.
+
+        Stage 3 leaves every group in ``param_groups`` and empties all but one, and calls once
+        per sub-group: only groups with params are stepped, and a group's rotation counter
+        advances after its last sub-group, i.e. once per optimizer step.
+        """
+        if not self._attached:
+            raise RuntimeError(
+                "DeepSpeedMano was not attached to a DeepSpeed engine: build it through "
+                "deepspeed.initialize after `import mano_dist.deepspeed`, or mano_dist.deepspeed.initialize"
+            )
+        if self.zero_stage == 0:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = [g for g in self.param_groups if g["params"]]
+        if self.nonfinite != "ignore" and not self._gradients_finite():
+            for group in groups:
+                group["skipped_steps"] += 1
+            return loss
+        matrix_steps = []
+        for group in groups:
+            if group["algorithm"] == "mano":
+                matrix_steps.extend(self._mano_group(group))
+            else:
+                self._adamw_group(group)
+            if all(self._partitions[id(p)].last_of_group for p in group["params"]):
+                group["step"] += 1
+        run_lockstep(matrix_steps, self._all_reduce)
+        return loss
