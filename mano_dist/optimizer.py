@@ -154,12 +154,13 @@ class Mano(Optimizer):
         _check_group(group)
         group["adamw_betas"] = tuple(group["adamw_betas"])
         for i, p in enumerate(group["params"]):
-            if group["algorithm"] == "mano" and p.ndim < 2:
+            # deepspeed.zero.Init builds params with shape (0,) and the true shape in ds_shape.
+            if group["algorithm"] == "mano" and len(getattr(p, "ds_shape", p.shape)) < 2:
                 raise ValueError(
                     f"Mano updates matrices, but param {i} of group {len(self.param_groups) - 1} "
                     f"has shape {tuple(p.shape)}; put 0-/1-D params (biases, norm gains) in a group "
                     'with "algorithm": "adamw" (mano_param_groups(model) does this). Under DeepSpeed '
-                    "ZeRO, build the optimizer through mano_dist.deepspeed so it knows the layout."
+                    "ZeRO, build the optimizer through mano_dist.deepspeed (DeepSpeedMano) so it knows the layout."
                 )
             self._init_state(p, group["algorithm"])
 
@@ -217,6 +218,13 @@ class Mano(Optimizer):
         """
         out = []
         for p in params:
+            if p.ndim < 2:
+                raise ValueError(
+                    f"Mano got a {p.ndim}-D tensor of {p.numel()} elements in a Mano group at step(): "
+                    "it cannot know which matrix rows/columns it holds (DeepSpeed ZeRO's flat "
+                    "partitions look like this). Under DeepSpeed use mano_dist.deepspeed.DeepSpeedMano "
+                    'or "optimizer": {"type": "Mano"} in the config after `import mano_dist.deepspeed`.'
+                )
             lay = layout_for(p)
             out.append((lay.local(p), lay.local(p.grad), lay.local(self.state[p]["momentum_buffer"]), lay))
         return out
