@@ -52,8 +52,9 @@ def classify_parameters(
             continue
         seen.add(id(p))
         mod_name, module = owner.get(id(p), ("", None))
+        ndim = len(getattr(p, "ds_shape", p.shape))  # deepspeed.zero.Init: shape (0,), true ds_shape
         default_adamw = (
-            p.ndim < 2
+            ndim < 2
             or id(p) in embedding_ids
             or isinstance(module, nn.Embedding)
             or _head_like(mod_name)
@@ -62,7 +63,7 @@ def classify_parameters(
         if any(r.search(name) for r in adamw_res):
             to_adamw = True
         elif any(r.search(name) for r in mano_res):
-            if p.ndim < 2:
+            if ndim < 2:
                 raise ValueError(f"mano_patterns matched '{name}' of shape {tuple(p.shape)}; Mano needs >= 2-D")
             to_adamw = False
         else:
