@@ -1,0 +1,225 @@
+"""DeepSpeed ZeRO 0-3 with "type": "Mano": compared with the single-process reference.
+
+Every check runs DeepSpeed on gloo ranks (tests/dist.py), then replays the same global batches
+through tests/reference.py (float64, written from the equations) and compares parameters.
+Spawned bodies are module-level functions (spawn pickles them by reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("deepspeed")
+
+from tests.dist import run_distributed  # noqa: E402
+from tests.reference import ReferenceRun  # noqa: E402
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
+
+VOCAB, SEQ, MICRO = 16, 5, 2
+HYPER = dict(lr=0.02, weight_decay=0.1, variant="v2")
+ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+class TinyLM(nn.Module):
+    """Embedding, two hidden matrices whose rows straddle ZeRO partition boundaries, a norm, a
+    head (routed to AdamW by its vocabulary-sized output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 7)
+        self.fc1 = nn.Linear(7, 12)
+        self.fc2 = nn.Linear(12, 10)
+        self.norm = nn.LayerNorm(10)
+        self.out = nn.Linear(10, VOCAB)
+
+    def forward(self, tokens, targets):
+        h = self.norm(self.fc2(torch.tanh(self.fc1(self.embed(tokens)))))
+        logits = self.out(h)
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), targets.reshape(-1))
+
+
+def global_batch(step: int, rows: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (rows, SEQ), generator=g)
+    targets = torch.randint(0, VOCAB, (rows, SEQ), generator=g)
+    return tokens, targets
+
+
+def micro_batch(step, world_size, accum, rank, micro):
+    """Rank ``rank``'s micro-batch ``micro`` of the step's global batch."""
+    tokens, targets = global_batch(step, world_size * accum * MICRO)
+    start = (micro * world_size + rank) * MICRO
+    return tokens[start : start + MICRO], targets[start : start + MICRO]
+
+
+def ds_config(stage, accum, world_size, *, json_optimizer=True, bf16=False, params=None):
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": MICRO * accum * world_size,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": stage},
+    }
+    if json_optimizer:
+        cfg["optimizer"] = {"type": "Mano", "params": params if params is not None else dict(HYPER)}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _set_env(rank, world_size):
+    os.environ.update(ENV, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_SIZE=str(world_size), MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+
+
+def _full_params(engine, stage):
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().float().clone() for n, p in params}
+    return {n: p.detach().float().clone() for n, p in params}
+
+
+def _make_engine(stage, accum, world_size, mode="json", zero_init=False, bf16=False):
+    import deepspeed
+
+    import mano_dist.deepspeed as mds
+    from mano_dist import mano_param_groups
+
+    torch.manual_seed(0)
+    cfg = ds_config(stage, accum, world_size, json_optimizer=(mode == "json"), bf16=bf16)
+    if zero_init:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = TinyLM()
+    else:
+        model = TinyLM()
+    if mode == "json":
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    else:
+        opt = mds.DeepSpeedMano(mano_param_groups(model), **HYPER)
+        engine, opt, _, _ = mds.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def _train(engine, rank, world_size, accum, steps, first_step=0):
+    for step in range(first_step, first_step + steps):
+        for micro in range(accum):
+            tokens, targets = micro_batch(step, world_size, accum, rank, micro)
+            loss = engine(tokens, targets)
+            engine.backward(loss)
+            engine.step()
+
+
+def _train_body(rank, world_size, runs):
+    """runs: [(stage, accum, steps, mode)] -> full params after each run."""
+    _set_env(rank, world_size)
+    out = []
+    for stage, accum, steps, mode in runs:
+        engine = _make_engine(stage, accum, world_size, mode)
+        _train(engine, rank, world_size, accum, steps)
+        out.append(_full_params(engine, stage))
+    return out
+
+
+def reference_params(world_size, accum, steps):
+    """Single-process float64 Mano (tests/reference.py) on the same model and global batches."""
+    from mano_dist.param_groups import classify_parameters
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    mano, _ = classify_parameters(model)
+    named = dict(model.named_parameters())
+    ref = ReferenceRun(named, [n for n, _ in mano], **HYPER)
+    for step in range(steps):
+        tokens, targets = global_batch(step, world_size * accum * MICRO)
+        model.zero_grad()
+        losses = [model(tokens[i : i + MICRO], targets[i : i + MICRO]) for i in range(0, len(tokens), MICRO)]
+        (sum(losses) / len(losses)).backward()
+        ref.step({n: p.grad for n, p in named.items()})
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(ref.W[n])
+    return {n: w.float() for n, w in ref.W.items()}
+
+
+def max_error(got, want):
+    return max((got[n] - want[n]).abs().max().item() for n in want)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_zero_stages_match_reference(tmp_path, world_size):
+    steps = 4
+    runs = [(stage, accum, steps, "json") for stage in (0, 1, 2, 3) for accum in (1, 2)]
+    results = run_distributed(_train_body, world_size, tmp_path, runs, env=ENV, timeout=400)
+    for i, (stage, accum, _, _) in enumerate(runs):
+        want = reference_params(world_size, accum, steps)
+        for rank in range(world_size):
+            err = max_error(results[rank][i], want)
+            assert err < 2e-6, (stage, accum, rank, err)
+
+
+# ----------------------------------------------------------------------------- layout metadata
+def _metadata_body(rank, world_size):
+    """Fragments read from ZeRO metadata, per stage, gathered from every rank."""
+    import torch.distributed as dist
+
+    from mano_dist.deepspeed.zero_metadata import flat_partitions
+
+    _set_env(rank, world_size)
+    out = {}
+    for stage in (1, 2, 3):
+        engine = _make_engine(stage, 1, world_size)
+        parts = [
+            (p.group_index, p.flat.numel(), p.last_of_group,
+             [(f.param_index, f.shape, f.param_start, f.flat_start, f.numel) for f in p.fragments])
+            for p in flat_partitions(engine.optimizer)
+        ]
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, parts)
+        out[stage] = gathered
+    return out
+
+
+def check_fragments_tile(per_rank):
+    """Each partition is covered by its fragments without overlap (only trailing padding), and
+    each param's fragments over all ranks cover its elements exactly once."""
+    coverage = {}
+    straddles = False
+    for parts in per_rank:
+        for pi, (group, flat_numel, _, frags) in enumerate(parts):
+            held = sorted((fs, n) for _, _, _, fs, n in frags if n)
+            end = 0
+            for fs, n in held:
+                assert fs >= end, "overlapping fragments"
+                end = fs + n
+            assert end <= flat_numel
+            for j, shape, ps, fs, n in frags:
+                if n:
+                    coverage.setdefault((pi, group, j, shape), []).append((ps, n))
+                    cols = shape[1] if len(shape) > 1 else 1
+                    straddles |= len(shape) == 2 and (ps % cols != 0 or (ps + n) % cols != 0)
+    for (_, _, _, shape), pieces in coverage.items():
+        numel = torch.Size(shape).numel()
+        pos = 0
+        for ps, n in sorted(pieces):
+            assert ps == pos, (shape, pieces)
+            pos += n
+        assert pos == numel, (shape, pieces)
+    return straddles
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fragments_tile_partitions(tmp_path, world_size):
+    results = run_distributed(_metadata_body, world_size, tmp_path, env=ENV, timeout=300)
+    for stage in (1, 2, 3):
+        straddles = check_fragments_tile(results[0][stage])
+        if stage in (1, 2) or world_size == 3:
+            assert straddles, f"stage {stage}: no matrix row straddles a partition boundary"
