@@ -223,3 +223,107 @@ def test_fragments_tile_partitions(tmp_path, world_size):
         straddles = check_fragments_tile(results[0][stage])
         if stage in (1, 2) or world_size == 3:
             assert straddles, f"stage {stage}: no matrix row straddles a partition boundary"
+
+
+# ----------------------------------------------------------------------------- communication
+def _count_collectives(optimizer):
+    """Wrap ``optimizer.step`` so every c10d op issued inside it is recorded (name, bytes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "c10d":
+                tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+                calls.append((func._opname, sum(t.numel() * t.element_size() for t in tensors
+                                                 if isinstance(t, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    inner = optimizer.step
+
+    def step(*a, **k):
+        with Recorder():
+            return inner(*a, **k)
+
+    optimizer.step = step
+    return calls
+
+
+def _api_body(rank, world_size, ckpt_dir):
+    import deepspeed
+
+    import mano_dist.deepspeed as mds
+    from mano_dist import Mano
+
+    _set_env(rank, world_size)
+    out = {"json_vs_dropin": {}, "collectives": {}, "resume": {}, "errors": {}}
+    # JSON config path and drop-in path (client DeepSpeedMano through mds.initialize).
+    for stage in (0, 2, 3):
+        got = []
+        for mode in ("json", "client"):
+            engine = _make_engine(stage, 2, world_size, mode)
+            _train(engine, rank, world_size, 2, 3)
+            got.append(_full_params(engine, stage))
+        out["json_vs_dropin"][stage] = max_error(got[0], got[1])
+    # Collectives Mano issues inside DeepSpeed's optimizer step, per optimizer step.
+    for stage in (1, 2, 3):
+        engine = _make_engine(stage, 1, world_size)
+        calls = _count_collectives(engine.basic_optimizer)
+        per_step = []
+        for step in range(2):
+            calls.clear()
+            _train(engine, rank, world_size, 1, 1, first_step=step)
+            per_step.append(list(calls))
+        out["collectives"][stage] = per_step
+    # Checkpoint at step 2, resume, compare with the uninterrupted run.
+    for stage in (1, 2, 3):
+        engine = _make_engine(stage, 2, world_size)
+        _train(engine, rank, world_size, 2, 2)
+        engine.save_checkpoint(f"{ckpt_dir}/stage{stage}", tag="step2")
+        _train(engine, rank, world_size, 2, 2, first_step=2)
+        straight = _full_params(engine, stage)
+        engine = _make_engine(stage, 2, world_size)
+        engine.load_checkpoint(f"{ckpt_dir}/stage{stage}", tag="step2")
+        steps_after_load = [g["step"] for g in engine.basic_optimizer.param_groups]
+        _train(engine, rank, world_size, 2, 2, first_step=2)
+        out["resume"][stage] = (max_error(_full_params(engine, stage), straight), steps_after_load)
+    # Bad input: clear errors, raised alike on every rank before the optimizer communicates.
+    torch.manual_seed(0)
+    model = TinyLM()
+    for label, make in {
+        "bad_key": lambda: deepspeed.initialize(
+            model=model, model_parameters=model.parameters(),
+            config=ds_config(1, 1, world_size, params={"lr": 0.01, "betas": (0.9, 0.99)})),
+        "plain_mano": lambda: deepspeed.initialize(
+            model=model, optimizer=Mano([{"params": [model.fc1.weight]}], lr=0.01),
+            config=ds_config(1, 1, world_size, json_optimizer=False)),
+    }.items():
+        try:
+            make()
+            out["errors"][label] = None
+        except ValueError as e:
+            out["errors"][label] = str(e)
+    del mds
+    return out
+
+
+def test_api_collectives_checkpoints_errors(tmp_path):
+    world_size = 2
+    results = run_distributed(_api_body, world_size, tmp_path, str(tmp_path / "ckpt"), env=ENV, timeout=500)
+    for rank, res in enumerate(results):
+        for stage, err in res["json_vs_dropin"].items():
+            assert err == 0.0, (rank, stage, err)
+        # fc1 (12, 7) and fc2 (10, 12): 3 statistics per column (axis 0) or per row (axis 1).
+        stats_bytes = [3 * 4 * (7 + 12), 3 * 4 * (12 + 10)]
+        for stage, per_step in res["collectives"].items():
+            for step, calls in enumerate(per_step):
+                reductions = [c for c in calls if c[0] != "allreduce_" or c[1] != 4]
+                flags = [c for c in calls if c == ("allreduce_", 4)]
+                assert reductions == [("allreduce_", stats_bytes[step % 2])], (stage, step, calls)
+                assert len(flags) == 2, (stage, step, calls)  # non-finite flag, one per group call
+        for stage, (err, steps) in res["resume"].items():
+            assert err == 0.0, (rank, stage, err)
+            assert steps == [2, 2], (stage, steps)
+        assert "'betas'" in res["errors"]["bad_key"] and "adamw_betas" in res["errors"]["bad_key"]
+        assert "mano_dist.deepspeed" in res["errors"]["plain_mano"]
