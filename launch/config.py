@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "mano"  # mano | adamw | muon
+    name: str = "mano"  # mano | adamw | muon | muonmax | momo-mano | momo-muon | momo-muonmax
     lr: float = 3e-3
     weight_decay: float = 0.1
     momentum: float = 0.95
@@ -170,5 +170,7 @@ def validate(cfg: RunConfig) -> None:
                           f"(got {p.ds_config!r})")
     if p.engine == "deepspeed" and p.tp > 1:
         raise ConfigError("parallel.tp > 1 is supported with parallel.engine = fsdp2 only")
-    if cfg.optim.name not in ("mano", "adamw", "muon"):
-        raise ConfigError(f"optim.name must be mano, adamw or muon, got {cfg.optim.name!r}")
+    from mano_dist.baselines import NAMES
+
+    if cfg.optim.name not in NAMES:
+        raise ConfigError(f"optim.name must be one of {', '.join(NAMES)}, got {cfg.optim.name!r}")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mano_dist import Mano, mano_param_groups
+from mano_dist import baselines
 from mano_dist.checkpoint import Checkpointer
 
 from .config import ConfigError, RunConfig, load_config
@@ -52,16 +52,11 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
 
 
 def build_optimizer(model, cfg: RunConfig):
+    """Any optimizer of ``mano_dist.baselines.NAMES`` by ``optim.name``, same parameter routing."""
     o = cfg.optim
-    adamw_options = {"lr": o.adamw_lr} if o.adamw_lr is not None else {}
-    groups = mano_param_groups(model, adamw_options=adamw_options)
-    if o.name == "mano":
-        return Mano(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                    variant=o.variant, adamw_betas=o.betas)
-    if o.name == "adamw":
-        params = [{"params": g["params"], **({"lr": g["lr"]} if "lr" in g else {})} for g in groups]
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    raise ConfigError(f"optim.name {o.name!r} is not available in this trainer yet")
+    return baselines.build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                     nesterov=o.nesterov, variant=o.variant, adamw_betas=o.betas,
+                                     adamw_lr=o.adamw_lr)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -173,7 +168,7 @@ def main(argv=None) -> int:
         loss.backward()
         grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
         t_opt = time.perf_counter()
-        optimizer.step()
+        optimizer.step(loss=loss.detach()) if baselines.needs_loss(optimizer) else optimizer.step()
         t_opt = time.perf_counter() - t_opt
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
