@@ -74,4 +74,6 @@ def build_optimizer(module: nn.Module, model_parameters, params: dict[str, Any] 
     routing = {k: params.pop(k) for k in _ROUTING_KEYS if k in params}
     if "adamw_betas" in params:
         params["adamw_betas"] = tuple(params["adamw_betas"])
-    return DeepSpeedMano(route_parameters(module, model_parameters, **routing), **params)
+    optimizer = DeepSpeedMano(route_parameters(module, model_parameters, **routing), **params)
+    optimizer._engine_building = True  # the engine hook clears it after attach()
+    return optimizer

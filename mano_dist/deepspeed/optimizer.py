@@ -32,6 +32,7 @@ class DeepSpeedMano(Mano):
 
     def __init__(self, *args, **kwargs):
         self._attached = False
+        self._engine_building = False  # set by the engine hook while DeepSpeed wraps us
         self._partitions: dict[int, FlatPartition] = {}
         self._layouts: dict[int, list] = {}
         self.zero_stage = 0
@@ -99,6 +100,10 @@ class DeepSpeedMano(Mano):
         advances after its last sub-group, i.e. once per optimizer step.
         """
         if not self._attached:
+            if self._engine_building:
+                # DeepSpeed's bf16 stage-0 wrapper calls step() with zero grads to create state;
+                # that step must not decay weights or turn the rotation: state comes in attach().
+                return None
             raise RuntimeError(
                 "DeepSpeedMano was not attached to a DeepSpeed engine: build it through "
                 "deepspeed.initialize after `import mano_dist.deepspeed`, or mano_dist.deepspeed.initialize"

@@ -48,7 +48,15 @@ def register() -> None:
                 'mano_dist.deepspeed.DeepSpeedMano(...) or "optimizer": {"type": "Mano"} in the config '
                 "(after `import mano_dist.deepspeed`)."
             )
-        original_configure(self, client_optimizer, model_parameters)
+        building = [o for o in (client_optimizer,) if isinstance(o, DeepSpeedMano)]
+        for o in building:
+            o._engine_building = True
+        try:
+            original_configure(self, client_optimizer, model_parameters)
+        finally:
+            for o in building + [getattr(self, "basic_optimizer", None)]:
+                if isinstance(o, DeepSpeedMano):
+                    o._engine_building = False
         if isinstance(self.basic_optimizer, DeepSpeedMano):
             self.basic_optimizer.attach(self)
 
