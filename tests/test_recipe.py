@@ -135,6 +135,18 @@ def test_tensor_parallel_run_matches_data_parallel(tmp_path, straight):
         torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=tol, msg=k)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["muon", "momo-mano"])
+def test_baseline_optimizers_train_under_fsdp2(tmp_path, name):
+    """The trainer drives the baselines by name (Momo gets the loss); 10 steps lower the loss."""
+    proc = torchrun(tmp_path, "--resume", "none", "--set", f"optim.name={name}")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert f"optimizer {name}" in output
+    steps = losses(tmp_path)
+    assert steps[10] < steps[1] - 0.3, steps
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
     (["--set", "data.source=/no/such/file.txt"], "matches no file"),
@@ -142,6 +154,7 @@ def test_tensor_parallel_run_matches_data_parallel(tmp_path, straight):
     (["--set", "train.global_batch=7"], "not divisible by the 2 data-parallel ranks"),
     (["--set", "parallel.tp=3"], "parallel.tp 3 must be >= 1 and divide model.n_heads"),
     (["--set", "parallel.engine=deepspeed"], "needs parallel.ds_config"),
+    (["--set", "optim.name=sgd"], "optim.name must be one of mano, adamw, muon"),
 ])
 def test_bad_input_fails_clearly_without_hanging(tmp_path, extra, message):
     proc = torchrun(tmp_path, "--resume", "none", *extra)
