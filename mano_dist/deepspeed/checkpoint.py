@@ -1,0 +1,163 @@
+"""Resume a DeepSpeed ZeRO checkpoint of Mano at a different data-parallel world size.
+
+Same world size needs nothing: ``engine.save_checkpoint`` / ``load_checkpoint`` resume
+bit-exactly (the flat state buffers and the rotation counter ``group["step"]`` are part of the
+optimizer's state dict). DeepSpeed's universal-checkpoint converter hard-codes Adam's
+``exp_avg``/``exp_avg_sq``, so for another world size we convert ourselves, in two steps:
+
+1. :func:`consolidate` reads every rank's ``*_optim_states.pt`` of a stage 1/2/3 checkpoint and
+   rebuilds each parameter's full fp32 weight and full optimizer state (``momentum_buffer`` for
+   Mano, ``exp_avg``/``exp_avg_sq``/``step`` for AdamW), plus the param-group options and
+   counters. Only Mano's own state exists: no dummy Adam buffers.
+2. :func:`load_consolidated` writes the pieces this rank holds into a freshly built engine of any
+   world size (and ZeRO stage), using the same fragment metadata the optimizer steps on.
+
+``python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt`` runs step 1 offline.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+
+import torch
+
+from .optimizer import DeepSpeedMano
+from .zero_metadata import flat_partitions, zero_stage_of
+
+_SCALAR_KEYS = ("step",)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _rank_files(folder: str, pattern: str) -> list[str]:
+    files = glob.glob(os.path.join(folder, pattern))
+    rank = lambda f: int(re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f)).group(1))  # noqa: E731
+    return sorted(files, key=rank)
+
+
+def consolidate(checkpoint_dir: str, tag: str) -> dict:
+    """Full fp32 params and optimizer state of a Mano ZeRO checkpoint, keyed by param name."""
+    folder = os.path.join(checkpoint_dir, tag)
+    optim_files = _rank_files(folder, "zero_pp_rank_*_mp_rank_00_optim_states.pt")
+    if not optim_files:
+        raise FileNotFoundError(f"no ZeRO optimizer states (zero_pp_rank_*_optim_states.pt) in {folder}")
+    model_files = _rank_files(folder, "zero_pp_rank_*_mp_rank_00_model_states.pt") or [
+        os.path.join(folder, "mp_rank_00_model_states.pt")
+    ]
+    model_states = _load(model_files[0])
+    shapes = model_states["param_shapes"]
+    optim = [_load(f)["optimizer_state_dict"] for f in optim_files]
+    stage = int(optim[0]["zero_stage"])
+    base = optim[0]["base_optimizer_state"] if stage < 3 else optim[0]["optimizer_state_dict"]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
+    params, state, group_of = {}, {}, {}
+    for i, names in enumerate(shapes):
+        pieces: dict[str, dict[str, list]] = {name: {} for name in names}
+        for rank_sd in optim:
+            if stage < 3:
+                flat = rank_sd["single_partition_of_fp32_groups"][i]
+                flat_state = rank_sd["base_optimizer_state"]["state"].get(i, {})
+                located = [(n, a.start, a.numel) for n, a in rank_sd["param_slice_mappings"][i].items()]
+            else:
+                flat = rank_sd["fp32_flat_groups"][i]
+                flat_state = rank_sd["optimizer_state_dict"]["state"].get(i, {})
+                world = int(rank_sd["partition_count"])
+                located, offset = [], 0
+                for n, shape in names.items():
+                    per_rank = -(-torch.Size(shape).numel() // world)
+                    located.append((n, offset, per_rank))
+                    offset += per_rank
+            for name, start, numel in located:
+                slot = pieces[name]
+                slot.setdefault("fp32", []).append(flat[start : start + numel])
+                for key, value in flat_state.items():
+                    if key in _SCALAR_KEYS or value.dim() == 0:
+                        slot[key] = value
+                    else:
+                        slot.setdefault(key, []).append(value[start : start + numel])
+        group_index = i  # stage 3: assumes one sub-group per param group (sub_group_size > model)
+        for name, shape in names.items():
+            numel = torch.Size(shape).numel()
+            full = {
+                key: (torch.cat(v)[:numel].view(shape).clone() if isinstance(v, list) else v.clone())
+                for key, v in pieces[name].items()
+            }
+            params[name] = full.pop("fp32")
+            state[name] = full
+            group_of[name] = group_index
+    return {"params": params, "state": state, "groups": groups, "group_of": group_of,
+            "global_steps": model_states.get("global_steps", 0), "zero_stage": stage}
+
+
+def load_consolidated(engine, consolidated: dict) -> None:
+    """Write a consolidated checkpoint into ``engine`` (any world size, stage 1-3, Mano)."""
+    optimizer = engine.basic_optimizer
+    if not isinstance(optimizer, DeepSpeedMano):
+        raise TypeError("load_consolidated needs an engine built with Mano (DeepSpeedMano)")
+    zopt = engine.optimizer
+    zero_stage_of(zopt)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    lp_groups = zopt.fp16_groups if type(zopt).__name__.endswith("Stage3") else zopt.bit16_groups
+    if len(optimizer.param_groups) != len(consolidated["groups"]):
+        raise ValueError(
+            f"checkpoint has {len(consolidated['groups'])} param groups, the engine "
+            f"{len(optimizer.param_groups)}: build the engine with the same model and config"
+        )
+    for group, saved in zip(optimizer.param_groups, consolidated["groups"]):
+        for key, value in saved.items():
+            group[key] = value
+    with torch.no_grad():
+        for index, part in enumerate(flat_partitions(zopt)):
+            flat_state = optimizer.state[part.flat]
+            for f in part.fragments:
+                if not f.numel:
+                    continue
+                name = names[id(lp_groups[index][f.param_index])]
+                cut = slice(f.flat_start, f.flat_start + f.numel)
+                src = slice(f.param_start, f.param_start + f.numel)
+                part.flat[cut].copy_(consolidated["params"][name].reshape(-1)[src])
+                for key, value in consolidated["state"][name].items():
+                    if value.dim() == 0:
+                        flat_state[key].copy_(value)
+                    else:
+                        flat_state[key][cut].copy_(value.reshape(-1)[src])
+        _refresh_model_params(engine, zopt, consolidated["params"], names)
+    engine.global_steps = consolidated["global_steps"]
+
+
+def _refresh_model_params(engine, zopt, full_params, names) -> None:
+    """The module's (low-precision) params from the fp32 weights: whole tensors on stages 1/2,
+    this rank's partition on stage 3."""
+    import torch.distributed as dist
+
+    for p in engine.module.parameters():
+        name = names[id(p)]
+        full = full_params[name].reshape(-1)
+        if hasattr(p, "ds_tensor"):
+            per_rank = p.partition_numel()
+            start = dist.get_rank(p.ds_process_group) * per_rank
+            real = max(0, min(per_rank, full.numel() - start))
+            p.ds_tensor.data.view(-1)[:real].copy_(full[start : start + real])
+        else:
+            p.data.copy_(full.view_as(p))
+
+
+def load_resharded(engine, checkpoint_dir: str, tag: str) -> None:
+    """``engine.load_checkpoint`` for a checkpoint saved at another world size (Mano, stage 1-3)."""
+    load_consolidated(engine, consolidate(checkpoint_dir, tag))
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3:
+        sys.exit("usage: python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt")
+    torch.save(consolidate(argv[0], argv[1]), argv[2])
+
+
+if __name__ == "__main__":
+    main()
