@@ -57,14 +57,14 @@ def micro_batch(step, world_size, accum, rank, micro):
     return tokens[start : start + MICRO], targets[start : start + MICRO]
 
 
-def ds_config(stage, accum, world_size, *, json_optimizer=True, bf16=False, params=None):
+def ds_config(stage, accum, world_size, *, json_optimizer=True, bf16=False, params=None, zero_extra=None):
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": accum,
         "train_batch_size": MICRO * accum * world_size,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(zero_extra or {})},
     }
     if json_optimizer:
         cfg["optimizer"] = {"type": "Mano", "params": params if params is not None else dict(HYPER)}
@@ -88,14 +88,17 @@ def _full_params(engine, stage):
     return {n: p.detach().float().clone() for n, p in params}
 
 
-def _make_engine(stage, accum, world_size, mode="json", zero_init=False, bf16=False):
+def _make_engine(stage, accum, world_size, mode="json", zero_init=False, bf16=False, hyper=None,
+                 zero_extra=None):
     import deepspeed
 
     import mano_dist.deepspeed as mds
     from mano_dist import mano_param_groups
 
     torch.manual_seed(0)
-    cfg = ds_config(stage, accum, world_size, json_optimizer=(mode == "json"), bf16=bf16)
+    hyper = hyper or HYPER
+    cfg = ds_config(stage, accum, world_size, json_optimizer=(mode == "json"), bf16=bf16,
+                    params=dict(hyper), zero_extra=zero_extra)
     if zero_init:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = TinyLM()
@@ -104,7 +107,7 @@ def _make_engine(stage, accum, world_size, mode="json", zero_init=False, bf16=Fa
     if mode == "json":
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     else:
-        opt = mds.DeepSpeedMano(mano_param_groups(model), **HYPER)
+        opt = mds.DeepSpeedMano(mano_param_groups(model), **hyper)
         engine, opt, _, _ = mds.initialize(model=model, optimizer=opt, config=cfg)
     return engine
 
@@ -119,17 +122,17 @@ def _train(engine, rank, world_size, accum, steps, first_step=0):
 
 
 def _train_body(rank, world_size, runs):
-    """runs: [(stage, accum, steps, mode)] -> full params after each run."""
+    """runs: [(stage, accum, steps, hyper, zero_extra)] -> full params after each run."""
     _set_env(rank, world_size)
     out = []
-    for stage, accum, steps, mode in runs:
-        engine = _make_engine(stage, accum, world_size, mode)
+    for stage, accum, steps, hyper, zero_extra in runs:
+        engine = _make_engine(stage, accum, world_size, hyper=hyper, zero_extra=zero_extra)
         _train(engine, rank, world_size, accum, steps)
         out.append(_full_params(engine, stage))
     return out
 
 
-def reference_params(world_size, accum, steps):
+def reference_params(world_size, accum, steps, hyper=None):
     """Single-process float64 Mano (tests/reference.py) on the same model and global batches."""
     from mano_dist.param_groups import classify_parameters
 
@@ -137,7 +140,7 @@ def reference_params(world_size, accum, steps):
     model = TinyLM().double()
     mano, _ = classify_parameters(model)
     named = dict(model.named_parameters())
-    ref = ReferenceRun(named, [n for n, _ in mano], **HYPER)
+    ref = ReferenceRun(named, [n for n, _ in mano], **(hyper or HYPER))
     for step in range(steps):
         tokens, targets = global_batch(step, world_size * accum * MICRO)
         model.zero_grad()
@@ -156,14 +159,19 @@ def max_error(got, want):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_zero_stages_match_reference(tmp_path, world_size):
+    """Stages 0-3, accumulation 1 and 2, 4 steps (both rotation axes twice); the v1 and "both"
+    variants on stages 2 and 3; stage 3 with several sub-groups per param group (DeepSpeed then
+    calls step() once per sub-group: the rotation must still turn once per optimizer step)."""
     steps = 4
-    runs = [(stage, accum, steps, "json") for stage in (0, 1, 2, 3) for accum in (1, 2)]
+    runs = [(stage, accum, steps, None, None) for stage in (0, 1, 2, 3) for accum in (1, 2)]
+    runs += [(stage, 1, steps, dict(HYPER, variant=v), None) for stage in (2, 3) for v in ("v1", "both")]
+    runs += [(3, 2, steps, None, {"sub_group_size": 50})]
     results = run_distributed(_train_body, world_size, tmp_path, runs, env=ENV, timeout=400)
-    for i, (stage, accum, _, _) in enumerate(runs):
-        want = reference_params(world_size, accum, steps)
+    for i, (stage, accum, _, hyper, zero_extra) in enumerate(runs):
+        want = reference_params(world_size, accum, steps, hyper)
         for rank in range(world_size):
             err = max_error(results[rank][i], want)
-            assert err < 2e-6, (stage, accum, rank, err)
+            assert err < 2e-6, (stage, accum, hyper, zero_extra, rank, err)
 
 
 # ----------------------------------------------------------------------------- layout metadata
@@ -175,8 +183,11 @@ def _metadata_body(rank, world_size):
 
     _set_env(rank, world_size)
     out = {}
-    for stage in (1, 2, 3):
-        engine = _make_engine(stage, 1, world_size)
+    for stage in (1, 2, 3, "3-subgroups"):
+        if stage == "3-subgroups":
+            engine = _make_engine(3, 1, world_size, zero_extra={"sub_group_size": 50})
+        else:
+            engine = _make_engine(stage, 1, world_size)
         parts = [
             (p.group_index, p.flat.numel(), p.last_of_group,
              [(f.param_index, f.shape, f.param_start, f.flat_start, f.numel) for f in p.fragments])
@@ -219,10 +230,16 @@ def check_fragments_tile(per_rank):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fragments_tile_partitions(tmp_path, world_size):
     results = run_distributed(_metadata_body, world_size, tmp_path, env=ENV, timeout=300)
-    for stage in (1, 2, 3):
+    for stage in (1, 2, 3, "3-subgroups"):
         straddles = check_fragments_tile(results[0][stage])
         if stage in (1, 2) or world_size == 3:
             assert straddles, f"stage {stage}: no matrix row straddles a partition boundary"
+    # sub_group_size=50 splits both param groups; the last sub-group of each group turns the rotation
+    parts = results[0]["3-subgroups"][0]
+    group_of = [g for g, _, _, _ in parts]
+    assert len(parts) > 2 and group_of == sorted(group_of), group_of
+    assert [last for _, _, last, _ in parts] == [
+        i + 1 == len(group_of) or group_of[i + 1] != g for i, g in enumerate(group_of)]
 
 
 # ----------------------------------------------------------------------------- communication
