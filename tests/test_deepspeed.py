@@ -440,3 +440,44 @@ def test_resume_at_other_world_sizes(tmp_path):
                 assert counters == [3, 3], (world_size, stage, counters)
                 err = max_error(got, want)
                 assert err < 2e-6, (world_size, rank, stage, err)
+
+
+# ----------------------------------------------------------------------------- single process
+@pytest.mark.parametrize("shape,start,numel", [
+    ((5, 7), 3, 20), ((5, 7), 0, 35), ((5, 7), 7, 14), ((5, 7), 10, 2), ((5, 7), 0, 0),
+    ((4, 3), 2, 1), ((6, 5), 4, 23), ((3, 1), 1, 2),
+])
+def test_fragment_layout_sums_equal_dense(shape, start, numel):
+    """Partial slice sums and broadcasts of a row-major fragment equal the dense matrix's, with
+    the rest of the matrix zero (partial head/tail rows, whole rows, empty fragments)."""
+    from mano_dist.deepspeed.fragments import FlatFragmentLayout
+
+    m, n = shape
+    lay = FlatFragmentLayout(shape, start, numel)
+    x, y = torch.randn(numel, dtype=torch.float64), torch.randn(numel, dtype=torch.float64)
+    for axis in (0, 1):
+        dense = torch.zeros(m * n, dtype=torch.float64)
+        dense[start : start + numel] = x * y
+        got = lay.dots([(x, y), (y, y)], axis)
+        torch.testing.assert_close(got[0], dense.view(m, n).sum(axis))
+        v = torch.randn(lay.num_slices(axis), dtype=torch.float64)
+        assert torch.equal(lay.expand(v, axis), v.unsqueeze(axis).expand(m, n).reshape(-1)[start : start + numel])
+    with pytest.raises(ValueError, match="does not fit"):
+        FlatFragmentLayout(shape, m * n - 1, 2)
+
+
+def test_plain_mano_refuses_flat_params():
+    """A flat 1-D tensor in a Mano group at step() (what ZeRO would hand a plain Mano) raises
+    with the fix, and changes nothing."""
+    from mano_dist import Mano
+
+    w = nn.Parameter(torch.randn(4, 3))
+    opt = Mano([w], lr=0.1)
+    flat = nn.Parameter(torch.randn(12))
+    flat.grad = torch.randn(12)
+    opt.param_groups[0]["params"] = [flat]
+    opt.state[flat]["momentum_buffer"] = torch.zeros(12)
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match="mano_dist.deepspeed"):
+        opt.step()
+    assert torch.equal(flat.detach(), before)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..layouts import ReduceGroup
+from ..layouts import ReduceGroup, block_dots
 
 
 @dataclass
@@ -47,14 +47,50 @@ class FlatFragmentLayout:
     def num_slices(self, axis: int) -> int:
         return self.global_shape[1 - axis]
 
+    def pieces(self) -> list[tuple[int, int, int, int]]:
+        """The fragment as (offset in fragment, first row, first column, length) runs: a partial
+        head row, a block of whole rows (length = rows * n, column 0), a partial tail row."""
+        if "pieces" not in self._index_cache:
+            n = self.global_shape[1]
+            pos, end, out = self.start, self.start + self.numel, []
+            if pos % n and pos < end:
+                length = min(n - pos % n, end - pos)
+                out.append((0, pos // n, pos % n, length))
+                pos += length
+            rows = (end - pos) // n
+            if rows:
+                out.append((pos - self.start, pos // n, 0, rows * n))
+                pos += rows * n
+            if pos < end:
+                out.append((pos - self.start, pos // n, 0, end - pos))
+            self._index_cache["pieces"] = out
+        return self._index_cache["pieces"]
+
     def dots(self, pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
-        """Partial per-slice sums of x*y for each pair: shape (len(pairs), full slice count)."""
+        """Partial per-slice sums of x*y for each pair: shape (len(pairs), full slice count).
+
+        Whole rows are summed as a 2-D block (the dense path's cache-blocked sums); only the
+        partial rows at either end are added element by element (``index_add_`` over the whole
+        fragment measured 2-15x slower on CPU).
+        """
         x0 = pairs[0][0]
+        n = self.global_shape[1]
         out = torch.zeros(len(pairs), self.num_slices(axis), dtype=x0.dtype, device=x0.device)
-        if self.numel:
-            idx = self.slice_index(axis, x0.device)
-            for row, (x, y) in zip(out, pairs):
-                row.index_add_(0, idx, x * y)
+        for offset, row, col, length in self.pieces():
+            cut = slice(offset, offset + length)
+            if col == 0 and length % n == 0:
+                rows = length // n
+                sums = block_dots([(x[cut].view(rows, n), y[cut].view(rows, n)) for x, y in pairs], axis)
+                if axis == 1:
+                    out[:, row : row + rows] += sums
+                else:
+                    out += sums
+            else:
+                products = torch.stack([x[cut] * y[cut] for x, y in pairs])
+                if axis == 1:
+                    out[:, row] += products.sum(dim=1)
+                else:
+                    out[:, col : col + length] += products
         return out
 
     def dot(self, x: Tensor, y: Tensor, axis: int) -> Tensor:
