@@ -1,6 +1,7 @@
 """Train a LLaMA-style model with Mano under FSDP2: ``torchrun --nproc-per-node N -m launch.train``.
 
     torchrun --nproc-per-node 2 -m launch.train --config configs/llama_tiny.toml [--set optim.lr=1e-3] [--resume auto]
+    torchrun --nproc-per-node 2 -m launch.train --engine deepspeed --ds-config configs/ds_zero2.json
 
 Device-agnostic: CUDA + NCCL when GPUs are visible, else CPU + gloo. Each step prints one line
 (step, loss, lr, tokens/s, optimizer step time); validation perplexity every ``eval_every``
@@ -23,13 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mano_dist import baselines
-from mano_dist.checkpoint import Checkpointer
-
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, load_config
 from .data import DataError, WindowSampler, load_tokens, prepare, split, validation_batches
+from .engines import DeepSpeedEngine, FSDPEngine
 from .model import Llama, count_parameters
-from .parallel import all_reduce_sum, build_mesh, clip_grad_norm, data_parallel_rank, setup_distributed, shard_model
+from .parallel import all_reduce_sum, build_mesh, data_parallel_rank, setup_distributed, shard_model
 
 
 def parse_args(argv=None):
@@ -39,24 +38,14 @@ def parse_args(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a step-N path")
     ap.add_argument("--out-dir", default=None, help="overrides train.out_dir")
-    return ap.parse_args(argv)
-
-
-def lr_factor(step: int, cfg: RunConfig) -> float:
-    """Linear warmup, then cosine from 1 to ``min_lr_ratio`` at the last step (the paper's schedule)."""
-    o, total = cfg.optim, cfg.train.steps
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(model, cfg: RunConfig):
-    """Any optimizer of ``mano_dist.baselines.NAMES`` by ``optim.name``, same parameter routing."""
-    o = cfg.optim
-    return baselines.build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                     nesterov=o.nesterov, variant=o.variant, adamw_betas=o.betas,
-                                     adamw_lr=o.adamw_lr)
+    ap.add_argument("--engine", choices=("fsdp2", "deepspeed"), default=None, help="= --set parallel.engine=...")
+    ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (= --set parallel.ds_config=...)")
+    args = ap.parse_args(argv)
+    if args.engine:
+        args.overrides.append(f"parallel.engine={args.engine}")
+    if args.ds_config:
+        args.overrides.append(f"parallel.ds_config={args.ds_config}")
+    return args
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -132,20 +121,20 @@ def main(argv=None) -> int:
     model = Llama(m).to(device)
     n_params = count_parameters(model)
     mesh = build_mesh(device, world, tp) if dist.is_initialized() else None
-    if mesh is not None:
-        shard_model(model, mesh)
     dp_rank, dp_size = data_parallel_rank(mesh)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ckpt = Checkpointer(out / "checkpoints", keep_last=t.keep_last, async_save=t.async_checkpoint)
+    if mesh is not None and cfg.parallel.engine == "fsdp2":
+        shard_model(model, mesh)
+    if cfg.parallel.engine == "deepspeed":
+        engine = DeepSpeedEngine(model, cfg, out, dp_size)
+    else:
+        engine = FSDPEngine(model, cfg, out)
 
     start, seen = 0, 0
     if args.resume != "none":
-        info = ckpt.load(model=model, optimizer=optimizer, scheduler=scheduler,
-                         path="auto" if args.resume == "auto" else args.resume)
+        info = engine.load(args.resume)
         if info is not None:
-            start, seen = info["step"], info["extra"]["data"]["sequences_seen"]
-            log(f"resumed from {info['path']} at step {start}")
+            start, seen, path = info
+            log(f"resumed from {path} at step {start}")
     log(f"LLaMA {n_params / 1e6:.2f}M params, {world} rank(s) (dp {dp_size}, tp {tp}) on {device.type}, optimizer {cfg.optim.name}, "
         f"{t.steps} steps x {t.global_batch} x {cfg.data.seq_len} tokens, data {cfg.data.source}: "
         f"{len(splits.train):,} train / {len(splits.val):,} val tokens")
@@ -155,7 +144,7 @@ def main(argv=None) -> int:
     metrics = open(out / "metrics.jsonl", "a" if start else "w") if rank == 0 else None
     per_rank = t.global_batch // dp_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.autocast_bf16)
-    model.train()
+    engine.train_mode()
     crash_at = int(os.environ.get("MANO_TRAIN_CRASH_AT_STEP", 0)) if start == 0 else 0
     crash_rank = int(os.environ["MANO_TRAIN_CRASH_RANK"]) if "MANO_TRAIN_CRASH_RANK" in os.environ else None
     for step in range(start, t.steps):
@@ -163,26 +152,20 @@ def main(argv=None) -> int:
         batch = sampler.batch(seen + dp_rank * per_rank, per_rank).to(device)
         seen += t.global_batch
         with autocast:
-            logits = model(batch[:, :-1])
+            logits = engine.forward(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        loss.backward()
-        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-        t_opt = time.perf_counter()
-        optimizer.step(loss=loss.detach()) if baselines.needs_loss(optimizer) else optimizer.step()
-        t_opt = time.perf_counter() - t_opt
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = engine.lr
+        grad_norm, t_opt = engine.backward_step(loss)
         loss_avg = all_reduce_sum(loss.detach().clone()).item() / world
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
                   "tokens": seen * cfg.data.seq_len, "tokens_per_s": t.global_batch * cfg.data.seq_len / elapsed,
                   "opt_step_s": t_opt}
         if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
-            model.eval()
-            record["val_loss"] = evaluate(model, val_windows, dp_rank, dp_size, device)
+            engine.eval_mode()
+            record["val_loss"] = evaluate(engine.forward, val_windows, dp_rank, dp_size, device)
             record["val_ppl"] = math.exp(record["val_loss"])
-            model.train()
+            engine.train_mode()
         if (step + 1) % t.log_every == 0 or "val_loss" in record or step == start:
             val = f"  val loss {record['val_loss']:.3f} ppl {record['val_ppl']:.1f}" if "val_loss" in record else ""
             log(f"step {step + 1:5d}/{t.steps}  loss {loss_avg:.4f}  lr {lr:.2e}  "
@@ -191,11 +174,10 @@ def main(argv=None) -> int:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            ckpt.save(step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
-                      extra={"data": {"sequences_seen": seen}})
+            engine.save(step + 1, seen)
         if crash_at == step + 1 and crash_rank in (None, rank):  # fault injection (tests): a lost node
             os.kill(os.getpid(), signal.SIGKILL)
-    ckpt.wait()
+    engine.wait()
     peaks = [peak_memory_gib(device)]
     if dist.is_initialized():
         peaks = [None] * world
