@@ -89,7 +89,7 @@ def _full_params(engine, stage):
 
 
 def _make_engine(stage, accum, world_size, mode="json", zero_init=False, bf16=False, hyper=None,
-                 zero_extra=None):
+                 zero_extra=None, fp32_accum=False):
     import deepspeed
 
     import mano_dist.deepspeed as mds
@@ -99,6 +99,8 @@ def _make_engine(stage, accum, world_size, mode="json", zero_init=False, bf16=Fa
     hyper = hyper or HYPER
     cfg = ds_config(stage, accum, world_size, json_optimizer=(mode == "json"), bf16=bf16,
                     params=dict(hyper), zero_extra=zero_extra)
+    if fp32_accum:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if zero_init:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = TinyLM()
@@ -348,12 +350,14 @@ def test_api_collectives_checkpoints_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- bf16, zero.Init
 def _variants_body(rank, world_size, runs):
-    """runs: [(stage, bf16, zero_init, steps)] -> (full fp32 params, loss per step)."""
+    """runs: [(stage, bf16, zero_init, steps, fp32_grad_accum)] -> full fp32 params (or the error)."""
     _set_env(rank, world_size)
     out = []
-    for stage, bf16, zero_init, steps in runs:
+    for stage, bf16, zero_init, steps, fp32_accum in runs:
         try:
-            engine = _make_engine(stage, 1, world_size, zero_init=zero_init, bf16=bf16)
+            engine = _make_engine(stage, 1, world_size, zero_init=zero_init, bf16=bf16, fp32_accum=fp32_accum)
+            if fp32_accum:
+                assert type(engine.optimizer).__name__ == "BF16_Optimizer"
             _train(engine, rank, world_size, 1, steps)
             out.append(_full_params(engine, stage))
         except Exception as e:  # noqa: BLE001 - reported per run
@@ -362,16 +366,18 @@ def _variants_body(rank, world_size, runs):
 
 
 def test_bf16_and_zero_init(tmp_path):
-    """bf16 (stages 0-3) against the float64 reference within bf16 rounding; stage 3 under
+    """bf16 (stages 0-3, and ZeRO-1 with fp32 gradient accumulation, DeepSpeed's BF16_Optimizer)
+    against the float64 reference within bf16 rounding; stage 3 under
     deepspeed.zero.Init (params built as (0,), true shape in ds_shape) to fp32 precision."""
     from mano_dist.param_groups import classify_parameters
 
-    runs = [(stage, True, False, 3) for stage in (0, 1, 2, 3)] + [(3, False, True, 3)]
+    runs = [(stage, True, False, 3, False) for stage in (0, 1, 2, 3)] + [(3, False, True, 3, False),
+                                                                        (1, True, False, 3, True)]
     results = run_distributed(_variants_body, 2, tmp_path, runs, env=ENV, timeout=400)
     want = reference_params(2, 1, 3)
     mano_names = [n for n, _ in classify_parameters(TinyLM())[0]]
     for got_per_run in results:
-        for (stage, bf16, zero_init, _), got in zip(runs, got_per_run):
+        for (stage, bf16, zero_init, _, _), got in zip(runs, got_per_run):
             assert not isinstance(got, str), (stage, bf16, zero_init, got)
             if bf16:
                 # bf16 keeps ~3 significant digits: Mano matrices (|w| < 0.4) stay within a few

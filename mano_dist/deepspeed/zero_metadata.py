@@ -9,6 +9,8 @@ fragments read here tile every partition and every parameter exactly.
   ``single_partition_of_fp32_groups[i]``. For ``p`` in ``bit16_groups[i]``, ``p._hp_mapping``
   (None when this rank holds nothing of p) gives ``lp_fragment_address.start`` (offset in p's
   row-major storage) and ``hp_fragment_address.start/numel`` (offset and length in the piece).
+- ZeRO-1 with bf16 params and fp32 gradient accumulation (``BF16_Optimizer``): the same with
+  ``bf16_groups`` and ``fp32_groups_flat_partition``; it calls ``step()`` once for all groups.
 - Stage 3 (``DeepSpeedZeroOptimizer_Stage3``): every param is split on its own, rank r owning
   elements ``[r * p.partition_numel(), ...)`` (the last rank's tail is padding), packed in order
   into ``fp32_partitioned_groups_flat[s]`` for sub-group ``s`` of param group
@@ -53,6 +55,8 @@ def zero_stage_of(zero_optimizer) -> int:
         return 2 if zero_optimizer.partition_gradients else 1
     if name == "DeepSpeedZeroOptimizer_Stage3":
         return 3
+    if name == "BF16_Optimizer":  # ZeRO-1 with bf16 params and fp32 gradient accumulation
+        return 1
     raise TypeError(
         f"mano_dist.deepspeed does not know DeepSpeed's {name}; supported: ZeRO stages 0-3 "
         "(DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3) of deepspeed==0.19.8"
@@ -68,8 +72,10 @@ def flat_partitions(zero_optimizer) -> list[FlatPartition]:
 
 def _stage12_partitions(zopt) -> list[FlatPartition]:
     out = []
-    for i, params in enumerate(zopt.bit16_groups):
-        flat = zopt.single_partition_of_fp32_groups[i]
+    bf16_wrapper = type(zopt).__name__ == "BF16_Optimizer"
+    lp_groups = zopt.bf16_groups if bf16_wrapper else zopt.bit16_groups
+    for i, params in enumerate(lp_groups):
+        flat = zopt.fp32_groups_flat_partition[i] if bf16_wrapper else zopt.single_partition_of_fp32_groups[i]
         fragments = []
         for j, p in enumerate(params):
             mapping = getattr(p, "_hp_mapping", None)
