@@ -117,9 +117,9 @@ def main(argv=None) -> None:
                   + ", ".join(f"{op} {c:g}x {v / 1e3:.1f} KB" for op, (c, v) in sorted(ops.items())))
         muon_extra = res[(stage, "muon")][1] - base[1]
         mano_extra = res[(stage, "mano")][1] - base[1]
-        ratio = f"{muon_extra / mano_extra:.0f}x" if mano_extra > 0 else "n/a"
+        ratio = f"Muon/Mano = {muon_extra / mano_extra:.0f}x" if mano_extra > 0 and muon_extra > 0 else "-"
         print(f"      stage {stage}: Muon adds {muon_extra / 1e3:.1f} KB, Mano {mano_extra / 1e3:.2f} KB "
-              f"({ratio} less); step time Mano/Muon = {res[(stage, 'mano')][2] / res[(stage, 'muon')][2]:.2f}")
+              f"({ratio}); step time Mano/Muon = {res[(stage, 'mano')][2] / res[(stage, 'muon')][2]:.2f}")
 
 
 if __name__ == "__main__":
