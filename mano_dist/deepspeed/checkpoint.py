@@ -56,6 +56,12 @@ def consolidate(checkpoint_dir: str, tag: str) -> dict:
     base = optim[0]["base_optimizer_state"] if stage < 3 else optim[0]["optimizer_state_dict"]
     groups = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
     params, state, group_of = {}, {}, {}
+    if stage == 3 and len(optim[0]["fp32_flat_groups"]) != len(shapes):
+        raise NotImplementedError(
+            f"{len(optim[0]['fp32_flat_groups'])} stage-3 sub-groups for {len(shapes)} param groups: "
+            "consolidating checkpoints saved with several sub-groups per group (sub_group_size "
+            "smaller than a group) is not supported"
+        )
     for i, names in enumerate(shapes):
         pieces: dict[str, dict[str, list]] = {name: {} for name in names}
         for rank_sd in optim:
@@ -72,6 +78,8 @@ def consolidate(checkpoint_dir: str, tag: str) -> dict:
                     per_rank = -(-torch.Size(shape).numel() // world)
                     located.append((n, offset, per_rank))
                     offset += per_rank
+                if offset != flat.numel():
+                    raise ValueError(f"stage-3 group {i}: {flat.numel()} elements, expected {offset}")
             for name, start, numel in located:
                 slot = pieces[name]
                 slot.setdefault("fp32", []).append(flat[start : start + numel])
@@ -83,6 +91,9 @@ def consolidate(checkpoint_dir: str, tag: str) -> dict:
         group_index = i  # stage 3: assumes one sub-group per param group (sub_group_size > model)
         for name, shape in names.items():
             numel = torch.Size(shape).numel()
+            held = sum(t.numel() for t in pieces[name]["fp32"])
+            if held < numel or (stage < 3 and held != numel):
+                raise ValueError(f"checkpoint pieces of {name} hold {held} elements, expected {numel}")
             full = {
                 key: (torch.cat(v)[:numel].view(shape).clone() if isinstance(v, list) else v.clone())
                 for key, v in pieces[name].items()
