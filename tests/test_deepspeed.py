@@ -387,8 +387,30 @@ def test_bf16_and_zero_init(tmp_path):
                 assert max_error(got, want) < 2e-6, (stage, zero_init)
 
 
-def test_example_configs():
-    """configs/ds_*.json: Mano with valid params and an explicit gradient_clipping."""
+def _configs_body(rank, world_size, configs):
+    """Train 2 steps with each example config (batch sizes set for this test)."""
+    import deepspeed
+
+    import mano_dist.deepspeed  # noqa: F401
+
+    _set_env(rank, world_size)
+    out = {}
+    for name, cfg in configs.items():
+        cfg = dict(cfg, train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=1,
+                   train_batch_size=MICRO * world_size)
+        torch.manual_seed(0)
+        model = TinyLM()
+        before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        _train(engine, rank, world_size, 1, 2)
+        after = _full_params(engine, cfg["zero_optimization"]["stage"])
+        out[name] = (type(engine.basic_optimizer).__name__, max_error(after, before),
+                     all(torch.isfinite(t).all() for t in after.values()))
+    return out
+
+
+def test_example_configs(tmp_path):
+    """configs/ds_*.json: Mano with valid params and an explicit gradient_clipping; each trains."""
     import json
     import pathlib
 
@@ -397,11 +419,16 @@ def test_example_configs():
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in root.glob("ds_*.json"))
     assert names == ["ds_bf16.json", "ds_zero1.json", "ds_zero2.json", "ds_zero3.json"]
+    configs = {}
     for name in names:
         cfg = json.loads((root / name).read_text())
         assert "gradient_clipping" in cfg, name
         assert cfg["optimizer"]["type"] == "Mano", name
         check_config_params(cfg["optimizer"]["params"])
+        configs[name] = cfg
+    for rank_result in run_distributed(_configs_body, 2, tmp_path, configs, env=ENV, timeout=300):
+        for name, (optimizer, change, finite) in rank_result.items():
+            assert optimizer == "DeepSpeedMano" and finite and change > 1e-3, (name, optimizer, change)
 
 
 # ----------------------------------------------------------------------------- resharding
