@@ -513,3 +513,33 @@ def test_plain_mano_refuses_flat_params():
     with pytest.raises(ValueError, match="mano_dist.deepspeed"):
         opt.step()
     assert torch.equal(flat.detach(), before)
+
+
+# ----------------------------------------------------------------------------- non-finite
+def _nonfinite_body(rank, world_size, runs):
+    """One good step, then a step whose loss is NaN on rank 1 only: what changes on each rank."""
+    _set_env(rank, world_size)
+    out = {}
+    for stage, bf16 in runs:
+        engine = _make_engine(stage, 1, world_size, bf16=bf16)
+        _train(engine, rank, world_size, 1, 1)
+        before = _full_params(engine, stage)
+        tokens, targets = micro_batch(1, world_size, 1, rank, 0)
+        loss = engine(tokens, targets)
+        engine.backward(loss * float("nan") if rank == 1 else loss)
+        engine.step()
+        after = _full_params(engine, stage)
+        counters = [(g["step"], g["skipped_steps"]) for g in engine.basic_optimizer.param_groups]
+        out[(stage, bf16)] = (max_error(after, before), counters)
+    return out
+
+
+def test_nonfinite_gradient_on_one_rank(tmp_path):
+    """A NaN gradient on one rank: every rank skips the step alike (no hang, nothing changes,
+    the rotation does not turn). Stage 0: Mano's collective skip decision; stages 1-3: DeepSpeed
+    already skips on a non-finite gradient norm before calling the optimizer."""
+    runs = [(0, False), (1, False), (2, False), (3, False), (2, True)]
+    for rank_result in run_distributed(_nonfinite_body, 2, tmp_path, runs, env=ENV, timeout=300):
+        for (stage, bf16), (change, counters) in rank_result.items():
+            assert change == 0.0, (stage, bf16, change)
+            assert counters == ([(1, 1), (1, 1)] if stage == 0 else [(1, 0), (1, 0)]), (stage, counters)
