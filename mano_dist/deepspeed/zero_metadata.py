@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor
 
-from ..layouts import matrix_shape
-
 
 @dataclass(frozen=True)
 class Fragment:
@@ -106,7 +104,3 @@ def _stage3_partitions(zopt) -> list[FlatPartition]:
         last = s + 1 == num_sub or group_of[s + 1] != group_of[s]
         out.append(FlatPartition(flat, group_of[s], fragments, last))
     return out
-
-
-def matrix_of(fragment: Fragment) -> tuple[int, int]:
-    return matrix_shape(fragment.shape)
