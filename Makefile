@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-mini test test-fast bench bench-step bench-comm bench-memory bench-e2e bench-checkpoint compare plan clean
+.PHONY: setup demo demo-mini test test-fast bench bench-step bench-comm bench-memory bench-e2e bench-ds bench-checkpoint compare plan clean
 
 $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 	VENV=$(VENV) bash launch/setup_env.sh
@@ -27,7 +27,7 @@ test-fast: $(VENV)/.installed
 
 # Every benchmark figure in docs/benchmarks.md, each a ratio measured within one command;
 # outputs also land in runs/bench/.
-bench: bench-step bench-comm bench-memory bench-e2e
+bench: bench-step bench-comm bench-memory bench-ds bench-e2e
 
 bench-step: $(VENV)/.installed
 	@mkdir -p runs/bench
@@ -45,6 +45,10 @@ bench-e2e: $(VENV)/.installed
 bench-comm: $(VENV)/.installed
 	@mkdir -p runs/bench
 	$(PY) -m mano_dist.bench comm | tee runs/bench/comm.txt
+
+bench-ds: $(VENV)/.installed
+	@mkdir -p runs/bench
+	$(PY) -m mano_dist.bench ds_comm | tee runs/bench/ds_comm.txt
 
 bench-checkpoint: $(VENV)/.installed
 	$(PY) -m mano_dist.bench checkpoint
