@@ -53,7 +53,7 @@ bench-ds: $(VENV)/.installed
 bench-checkpoint: $(VENV)/.installed
 	$(PY) -m mano_dist.bench checkpoint
 
-# The convergence study (about 30 minutes on 2 CPU cores): plots and table in runs/compare/.
+# The convergence study (about 30 minutes on 2 idle CPU cores): plots and table in runs/compare/.
 compare: $(VENV)/.installed
 	$(PY) -m launch.compare --out runs/compare
 

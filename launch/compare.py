@@ -1,6 +1,6 @@
 """The convergence study: every optimizer on the same model, data and token budget.
 
-    python -m launch.compare [--out runs/compare] [--seeds 0 1] [--lrs 1e-3 3e-3 1e-2] [--jobs 2]
+    python -m launch.compare [--out runs/compare] [--seeds 0 1] [--lrs 1e-3 3e-3 1e-2 3e-2] [--jobs 2]
 
 Trains ``configs/llama_study.toml`` once per (optimizer, lr, seed) with ``launch.train`` in a
 single process, ``--jobs`` runs at a time. For a given seed every optimizer starts from the
@@ -65,7 +65,10 @@ def train_one(config: str, out: Path, opt: str, lr: float, seed: int, steps: int
     with open(folder / "train.log", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return str(folder), time.perf_counter() - t0, rc
+    secs = time.perf_counter() - t0
+    if rc == 0:
+        (folder / "elapsed_s").write_text(f"{secs:.1f}\n")
+    return str(folder), secs, rc
 
 
 def _curves(out: Path, opt: str, lr: float, seeds: list[int]) -> list[list[dict]]:
@@ -145,8 +148,13 @@ def summarize(out: Path, opts: list[str], lrs: list[float], seeds: list[int], st
     table = "\n".join(lines)
     text = (f"Final validation loss after {steps} steps (mean ± std over seeds {seeds}); "
             f"best lr per optimizer in the last column, sorted.\n\n{table}\n")
+    times = [float(f.read_text()) for opt in opts for lr in lrs for seed in seeds
+             if (f := run_dir(out, opt, lr, seed) / "elapsed_s").is_file()]
+    if times:
+        text += (f"\nRun time: {len(times)} runs, {statistics.mean(times):.0f} s each on average, "
+                 f"{sum(times) / 60:.1f} min in total (wall time about that / --jobs).\n")
     if wall is not None:
-        text += f"\nWall time: {wall / 60:.1f} min.\n"
+        text += f"This invocation's wall time: {wall / 60:.1f} min.\n"
     (out / "summary.md").write_text(text)
     return text
 
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/llama_study.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--jobs", type=int, default=2)

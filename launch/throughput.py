@@ -1,7 +1,7 @@
 """End-to-end throughput: tokens/s of the tiny preset under 2-process FSDP2, per optimizer, and
 the optimizer's share of the step.
 
-    python -m launch.throughput [--optimizers adamw mano muon] [--steps 30] [--nproc 2]
+    python -m launch.throughput [--optimizers adamw mano muon muonmax momo-mano momo-muonmax] [--steps 30] [--nproc 2]
 
 Runs ``launch.train`` with torchrun once per optimizer (same model, data and batch), skips the
 first steps (warm-up), and reports medians from the metrics: tokens/s, step time, the time
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_tiny.toml")
-    ap.add_argument("--optimizers", nargs="+", default=["adamw", "mano", "muon"])
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "mano", "muon", "muonmax", "momo-mano", "momo-muonmax"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])

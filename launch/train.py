@@ -161,6 +161,9 @@ def main(argv=None) -> int:
         record = {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
                   "tokens": seen * cfg.data.seq_len, "tokens_per_s": t.global_batch * cfg.data.seq_len / elapsed,
                   "opt_step_s": t_opt}
+        momo = getattr(engine.optimizer, "last_momo", None)
+        if momo:  # Momo's model-based step; the step taken is min(lr, this)
+            record["momo_polyak_step"] = momo["polyak_step"] if math.isfinite(momo["polyak_step"]) else None
         if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
             engine.eval_mode()
             record["val_loss"] = evaluate(engine.forward, val_windows, dp_rank, dp_size, device)

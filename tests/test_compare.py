@@ -33,3 +33,12 @@ def test_summary_picks_best_lr_and_marks_divergence(tmp_path):
     assert rows[0].startswith("| mano-v2 | 4.600 ± 0.000 | 4.500 ± 0.141 | 4.500 |")
     assert rows[1] == "| adamw | 5.100 ± 0.141 | 1 diverged | 5.100 |"
     assert (tmp_path / "val_loss.png").stat().st_size > 0 and (tmp_path / "lr_sweep.png").stat().st_size > 0
+
+
+def test_summary_reports_the_total_run_time(tmp_path):
+    for seed, secs in ((0, 60.0), (1, 90.0)):
+        _write(tmp_path, "adamw", 1e-3, seed, 5.0)
+        (run_dir(tmp_path, "adamw", 1e-3, seed) / "elapsed_s").write_text(f"{secs}\n")
+    text = summarize(tmp_path, ["adamw"], [1e-3], [0, 1], 4, wall=30.0)
+    assert "Run time: 2 runs, 75 s each on average, 2.5 min in total" in text
+    assert "This invocation's wall time: 0.5 min." in text

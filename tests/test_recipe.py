@@ -145,6 +145,11 @@ def test_baseline_optimizers_train_under_fsdp2(tmp_path, name):
     assert f"optimizer {name}" in output
     steps = losses(tmp_path)
     assert steps[10] < steps[1] - 0.3, steps
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if name.startswith("momo"):  # Momo's own step size is logged (the step taken is min(lr, it))
+        assert all(r["momo_polyak_step"] > 0 for r in recs), recs
+    else:
+        assert all("momo_polyak_step" not in r for r in recs)
 
 
 @pytest.mark.deepspeed
