@@ -246,24 +246,17 @@ def test_fragments_tile_partitions(tmp_path, world_size):
 
 # ----------------------------------------------------------------------------- communication
 def _count_collectives(optimizer):
-    """Wrap ``optimizer.step`` so every c10d op issued inside it is recorded (name, bytes)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Wrap ``optimizer.step`` so every collective issued inside it is recorded (kind, bytes)."""
+    from mano_dist import CollectiveCounter
 
     calls = []
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "c10d":
-                tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-                calls.append((func._opname, sum(t.numel() * t.element_size() for t in tensors
-                                                 if isinstance(t, torch.Tensor))))
-            return func(*args, **(kwargs or {}))
-
     inner = optimizer.step
 
     def step(*a, **k):
-        with Recorder():
-            return inner(*a, **k)
+        with CollectiveCounter() as cc:
+            out = inner(*a, **k)
+        calls.extend((c.kind, c.payload_bytes) for c in cc.calls)
+        return out
 
     optimizer.step = step
     return calls
@@ -339,9 +332,9 @@ def test_api_collectives_checkpoints_errors(tmp_path):
         stats_bytes = [3 * 4 * (7 + 12), 3 * 4 * (12 + 10)]
         for stage, per_step in res["collectives"].items():
             for step, calls in enumerate(per_step):
-                reductions = [c for c in calls if c[0] != "allreduce_" or c[1] != 4]
-                flags = [c for c in calls if c == ("allreduce_", 4)]
-                assert reductions == [("allreduce_", stats_bytes[step % 2])], (stage, step, calls)
+                reductions = [c for c in calls if c != ("all_reduce", 4)]
+                flags = [c for c in calls if c == ("all_reduce", 4)]
+                assert reductions == [("all_reduce", stats_bytes[step % 2])], (stage, step, calls)
                 # the non-finite flag, one per group call, unless nonfinite="ignore"
                 assert len(flags) == (0 if stage == "3-ignore" else 2), (stage, step, calls)
         for stage, (err, steps) in res["resume"].items():

@@ -2,7 +2,7 @@
 
 ``python -m mano_dist.bench ds_comm [--world-size 2] [--width 256] [--layers 4]`` trains a small
 MLP language model with each optimizer from the JSON config (stages 1-3, gloo, CPU) and records
-every c10d collective issued inside ``engine.backward()`` + ``engine.step()`` (a TorchDispatchMode;
+every collective issued inside ``engine.backward()`` + ``engine.step()`` (``CollectiveCounter``;
 DeepSpeed's Muon does its work in the gradient reduction on stages 1/2). AdamW's step is the
 baseline (ZeRO's own parameter all-gather and gradient-norm reduction); what an optimizer adds on
 top is its own traffic (``reduce_scatter`` is off for all: DeepSpeed's Muon
@@ -19,6 +19,8 @@ import time
 
 import torch
 from torch import nn
+
+from mano_dist.comm import CollectiveCounter
 
 OPTIMIZERS = {
     "adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
@@ -39,20 +41,6 @@ class MLPLM(nn.Module):
         for block in self.blocks:
             h = h + torch.tanh(block(h))
         return nn.functional.cross_entropy(self.lm_head(h).flatten(0, 1), tokens.roll(-1, 1).flatten())
-
-
-def _recorder(calls):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "c10d":
-                tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-                calls.append((func._opname, sum(t.numel() * t.element_size() for t in tensors
-                                                 if isinstance(t, torch.Tensor))))
-            return func(*args, **(kwargs or {}))
-
-    return Recorder()
 
 
 def _body(rank, world_size, width, layers, steps):
@@ -79,11 +67,12 @@ def _body(rank, world_size, width, layers, steps):
                     engine.backward(loss)
                     engine.step()
                     continue
-                with _recorder(calls):  # DeepSpeed's Muon works inside backward on stages 1/2
+                with CollectiveCounter() as cc:  # DeepSpeed's Muon works inside backward on stages 1/2
                     engine.backward(loss)
                     start = time.perf_counter()
                     engine.step()
                     seconds += time.perf_counter() - start
+                calls += [(c.op, c.payload_bytes) for c in cc.calls]
             ops = {}
             for op, nbytes in calls:
                 ops.setdefault(op, []).append(nbytes)
@@ -117,8 +106,9 @@ def main(argv=None) -> None:
                   + ", ".join(f"{op} {c:g}x {v / 1e3:.1f} KB" for op, (c, v) in sorted(ops.items())))
         muon_extra = res[(stage, "muon")][1] - base[1]
         mano_extra = res[(stage, "mano")][1] - base[1]
-        ratio = f"Muon/Mano = {muon_extra / mano_extra:.0f}x" if mano_extra > 0 and muon_extra > 0 else "-"
-        print(f"      stage {stage}: Muon adds {muon_extra / 1e3:.1f} KB, Mano {mano_extra / 1e3:.2f} KB "
+        # ratios only where both add at least 1 KB (ZeRO-1/2 Muon adds a few bytes of bookkeeping)
+        ratio = f"Muon/Mano = {muon_extra / mano_extra:.0f}x" if min(mano_extra, muon_extra) >= 1e3 else "no ratio"
+        print(f"      stage {stage}: Muon adds {muon_extra:.0f} B, Mano {mano_extra:.0f} B "
               f"({ratio}); step time Mano/Muon = {res[(stage, 'mano')][2] / res[(stage, 'muon')][2]:.2f}")
 
 
