@@ -40,7 +40,11 @@ def parse_args(argv=None):
     ap.add_argument("--out-dir", default=None, help="overrides train.out_dir")
     ap.add_argument("--engine", choices=("fsdp2", "deepspeed"), default=None, help="= --set parallel.engine=...")
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (= --set parallel.ds_config=...)")
+    ap.add_argument("--data", default=None, metavar="FILES",
+                    help="your own .txt/.jsonl files or globs, comma-separated (= --set data.source=...)")
     args = ap.parse_args(argv)
+    if args.data:
+        args.overrides.append(f"data.source={args.data}")
     if args.engine:
         args.overrides.append(f"parallel.engine={args.engine}")
     if args.ds_config:

@@ -182,7 +182,7 @@ def test_deepspeed_engine_matches_fsdp2_and_resumes(tmp_path, straight, stage):
 
 @pytest.mark.parametrize("extra,message", [
     (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
-    (["--set", "data.source=/no/such/file.txt"], "matches no file"),
+    (["--data", "/no/such/file.txt"], "matches no file"),
     (["--set", "data.seq_len=512"], "exceeds model.max_seq_len"),
     (["--set", "train.global_batch=7"], "not divisible by the 2 data-parallel ranks"),
     (["--set", "parallel.tp=3"], "parallel.tp 3 must be >= 1 and divide model.n_heads"),
@@ -193,6 +193,17 @@ def test_bad_input_fails_clearly_without_hanging(tmp_path, extra, message):
     proc = torchrun(tmp_path, "--resume", "none", *extra)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and message in output, output
+
+
+def test_command_line_shorthands_become_overrides():
+    from launch.config import load_config
+    from launch.train import parse_args
+
+    args = parse_args(["--data", "corpus/a.jsonl,corpus/*.txt", "--engine", "deepspeed",
+                       "--ds-config", "configs/ds_zero2.json", "--set", "optim.lr=0.01"])
+    cfg = load_config(ROOT / "configs" / "llama_tiny.toml", args.overrides)
+    assert cfg.data.source == "corpus/a.jsonl,corpus/*.txt"
+    assert (cfg.parallel.engine, cfg.parallel.ds_config, cfg.optim.lr) == ("deepspeed", "configs/ds_zero2.json", 0.01)
 
 
 @pytest.mark.parametrize("name,millions", [("tiny", 5.26), ("130m", 134.1), ("350m", 368.0), ("1b", 1339.1), ("3b", 2685.8)])
