@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..functional import adamw_step
+from .state import init_param_state
 from .tensors import local
 
 
@@ -42,16 +43,8 @@ class MuonAdamW(torch.optim.Muon):
         if group["algorithm"] not in ("muon", "adamw"):
             raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (muon or adamw)")
         for i, p in enumerate(group["params"]):
-            state = self.state[p]
-            if group["algorithm"] == "muon":
-                if p.ndim != 2:
-                    raise ValueError(f"Muon updates 2-D matrices; param {i} has shape {tuple(p.shape)}: "
-                                     'put it in an "adamw" group (mano_param_groups(model) does this)')
-                state.setdefault("momentum_buffer", torch.zeros_like(p))
-            else:
-                state.setdefault("step", torch.tensor(0.0))
-                state.setdefault("exp_avg", torch.zeros_like(p))
-                state.setdefault("exp_avg_sq", torch.zeros_like(p))
+            init_param_state(self.state[p], p, i, matrix=group["algorithm"] == "muon",
+                             requirement="Muon updates 2-D matrices", ok=p.ndim == 2)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 
 from ..functional import adamw_step
 from .polar import newton_schulz
+from .state import init_param_state
 from .tensors import full, local, local_part
 
 ALGORITHMS = ("muonmax", "adamw")
@@ -69,16 +70,8 @@ class MuonMax(Optimizer):
         group["adamw_betas"] = tuple(group["adamw_betas"])
         _check(group)
         for i, p in enumerate(group["params"]):
-            state = self.state[p]
-            if group["algorithm"] == "muonmax":
-                if p.ndim < 2:
-                    raise ValueError(f"MuonMax orthogonalises matrices; param {i} has shape {tuple(p.shape)}: "
-                                     'put it in an "adamw" group (mano_param_groups(model) does this)')
-                state.setdefault("momentum_buffer", torch.zeros_like(p))
-            else:
-                state.setdefault("step", torch.tensor(0.0))
-                state.setdefault("exp_avg", torch.zeros_like(p))
-                state.setdefault("exp_avg_sq", torch.zeros_like(p))
+            init_param_state(self.state[p], p, i, matrix=group["algorithm"] == "muonmax",
+                             requirement="MuonMax orthogonalises matrices", ok=p.ndim >= 2)
 
     @torch.no_grad()
     def step(self, closure=None):
