@@ -112,12 +112,12 @@ class MomoMixin:
         slope = dD / correction
         for group in self.param_groups:
             group.update(momo_steps=k, momo_loss_avg=loss_avg, momo_gx_avg=gx_avg)
+        # The model-based step, once for all params (inf when the slope is unusable: tau = lr).
         polyak = max(h - self.f_star, 0.0) / slope if slope > 0 and math.isfinite(slope) else math.inf
-        self.last_momo = {"h": h, "slope": slope, "polyak_step": polyak}  # tau = min(lr, polyak_step)
+        self.last_momo = {"h": h, "slope": slope, "polyak_step": polyak}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         for p, D in zip(params, directions):
-            lr = group_of[p]["lr"]
-            tau = min(lr, max(h - self.f_star, 0.0) / slope) if slope > 0 and math.isfinite(slope) else lr
+            tau = min(group_of[p]["lr"], polyak)
             local(p).add_(D, alpha=1.0 - tau)  # x_new = x_old - D  ->  x_old - tau D
         return loss
 
