@@ -115,26 +115,30 @@ def _reference(name, init):
     raise ValueError(name)
 
 
-def _run(name, model, init, steps=STEPS, counter=False):
+def _run(name, model, init=None, steps=STEPS, hp=None):
+    """Train ``steps`` steps recording the collectives of each ``step()``; with ``init``, also
+    the reference from the same initial weights, and the errors against it at the end."""
     from mano_dist import CollectiveCounter
     from mano_dist.baselines import build_optimizer, needs_loss
 
-    opt = build_optimizer(name, model, **_hp(name))
-    ref = _reference(name, init)
+    opt = build_optimizer(name, model, **(hp or _hp(name)))
+    ref = _reference(name, init) if init is not None else None
     calls = []
     for step in range(steps):
         x = torch.randint(0, 11, (8, 4), generator=torch.Generator().manual_seed(step))
         loss = model(x).pow(2).mean() * 0.1 + 1.0  # positive, like a cross-entropy
         loss.backward()
-        grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+        grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()} if ref is not None else None
         with CollectiveCounter() as cc:
             opt.step(loss=loss.detach()) if needs_loss(opt) else opt.step()
         calls.append([(c.kind, c.payload_bytes) for c in cc.calls])
         opt.zero_grad()
         if isinstance(ref, MomoReference):
             ref.step(grads, loss.item())
-        else:
+        elif ref is not None:
             ref.step(grads)
+    if ref is None:
+        return {"calls": calls}
     errors = {n: (_full(p.detach()).double() - ref.W[n]).abs().max().item() for n, p in model.named_parameters()}
     taus = getattr(ref, "taus", [])
     return {"errors": errors, "calls": calls, "taus": taus}
@@ -154,23 +158,6 @@ def test_single_process_matches_reference(name):
         assert all(0 < t < MOMO_LR for t in r["taus"]), r["taus"]
 
 
-def _base_calls(name, model, steps=STEPS):
-    """The collectives of Momo's base optimizer alone (``momo-mano`` -> ``mano``), per step."""
-    from mano_dist import CollectiveCounter
-    from mano_dist.baselines import build_optimizer
-
-    opt = build_optimizer(name.removeprefix("momo-"), model, **_hp(name))
-    calls = []
-    for step in range(steps):
-        x = torch.randint(0, 11, (8, 4), generator=torch.Generator().manual_seed(step))
-        (model(x).pow(2).mean() * 0.1 + 1.0).backward()
-        with CollectiveCounter() as cc:
-            opt.step()
-        calls.append([(c.kind, c.payload_bytes) for c in cc.calls])
-        opt.zero_grad()
-    return calls
-
-
 def _sharded(rank, world_size, kind, names):
     out = {}
     for name in names:
@@ -180,7 +167,8 @@ def _sharded(rank, world_size, kind, names):
         out[name] = _run(name, _shard(model, kind, world_size), init)
         if name.startswith("momo"):
             torch.manual_seed(0)
-            out[name]["base_calls"] = _base_calls(name, _shard(Net().double(), kind, world_size))
+            base = name.removeprefix("momo-")  # Momo's base optimizer alone, same sharding
+            out[name]["base_calls"] = _run(base, _shard(Net().double(), kind, world_size), hp=_hp(name))["calls"]
     return out
 
 
