@@ -84,7 +84,7 @@ def tokenize_unit(folder: Path, index: int, unit: Unit, role: str, field: str, v
 
     def flush(docs: list[str]) -> None:
         nonlocal doc_index
-        for ids in tokenizer.encode_batch(docs):
+        for ids in tokenizer.encode_batch(docs, threads=1):  # the workers are the parallelism
             split = "val" if role == "val" or is_validation(index, doc_index, val_every) else "train"
             doc = np.asarray(ids + [tokenizer.eot], dtype=dtype)
             doc.tofile(outs[split])
@@ -189,6 +189,7 @@ def prepare(data: str, tokenizer: str, out: str | Path, *, workers: int = 1, fie
         bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s")
 
     if workers == 1 or len(todo) <= 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core, as one worker of a pool
         for i in todo:
             record(i, tokenize_unit(work, i, jobs[i][0], jobs[i][1], field, val_every, tok))
     else:

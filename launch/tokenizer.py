@@ -102,8 +102,8 @@ class SentencePieceTokenizer:
         self.eot = self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
 
-    def encode_batch(self, docs: list[str]) -> list[list[int]]:
-        return self.sp.encode(docs)
+    def encode_batch(self, docs: list[str], threads: int | None = None) -> list[list[int]]:
+        return self.sp.encode(docs, num_threads=threads)
 
     def save(self, folder: Path) -> Path:
         out = folder / self.file_name
@@ -131,7 +131,8 @@ class HFTokenizer:
 
         return cls(Tokenizer.from_file(str(path)), str(path))
 
-    def encode_batch(self, docs: list[str]) -> list[list[int]]:
+    def encode_batch(self, docs: list[str], threads: int | None = None) -> list[list[int]]:
+        """``threads`` is SentencePiece's knob; here TOKENIZERS_PARALLELISM decides."""
         return [e.ids for e in self.tok.encode_batch(docs, add_special_tokens=False)]
 
     def save(self, folder: Path) -> Path:
