@@ -193,12 +193,15 @@ def prepare(data: str, tokenizer: str, out: str | Path, *, workers: int = 1, fie
         for i in todo:
             record(i, tokenize_unit(work, i, jobs[i][0], jobs[i][1], field, val_every, tok))
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                                 initargs=(str(work),)) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(str(work),))
+        try:
             futures = {pool.submit(_worker_run, str(work), i, jobs[i][0], jobs[i][1], field, val_every): i
                        for i in todo}
             for fut in as_completed(futures):
                 record(futures[fut], fut.result())
+        finally:  # on a bad record: stop at once, keeping the shards already marked done
+            pool.shutdown(cancel_futures=True)
     bar.close()
 
     shards = [done[i] for i in range(len(jobs))]

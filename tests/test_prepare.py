@@ -20,7 +20,7 @@ import pytest
 from launch.config import DataConfig, TrainConfig
 from launch.data import DataError, open_dataset, prepare as prepare_in_job
 from launch.prepare import PrepareError, is_validation, prepare
-from launch.sources import iter_unit, plan_units, source_files
+from launch.sources import SourceError, iter_unit, plan_units, source_files
 from launch.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +188,14 @@ def test_a_large_source_is_refused_inside_torchrun(tmp_path, monkeypatch):
         prepare_in_job(cfg, 32000)
     monkeypatch.delenv("LOCAL_RANK")  # a plain single process may tokenize it
     assert prepare_in_job(cfg, 32000).is_file()
+
+
+def test_a_bad_record_stops_with_its_place_and_keeps_finished_shards(corpus, tmp_path):
+    data, one = corpus
+    bad = tmp_path / "z.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(SourceError, match=r"z.jsonl \(byte 17\): no 'text' text field"):
+        prepare(f"{data},{bad}", str(one / "tokenizer.json"), tmp_path / "p", workers=2, val_every=5,
+                chunk_bytes=8 << 10, quiet=True)  # a worker meets it (a BPE trained here would first)
+    partial = tmp_path / "p.partial"
+    assert not (tmp_path / "p").exists() and (partial / "tokenizer.json").is_file()
