@@ -160,6 +160,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.prepared and d.source != "sotu":
+        raise ConfigError(f"data.prepared ({d.prepared}) and data.source ({d.source}) both name the data: keep one")
     p = cfg.parallel
     if p.tp < 1 or m.n_heads % p.tp or m.ffn_dim % p.tp:
         raise ConfigError(f"parallel.tp {p.tp} must be >= 1 and divide model.n_heads ({m.n_heads}) "

@@ -91,3 +91,11 @@ def test_two_ranks_on_a_prepared_folder_resume_bit_for_bit_after_kill(tmp_path):
     assert resumed.returncode == 0, output
     assert "resumed from" in output and "step-3" in output
     assert_same_run(tmp_path / "straight", cut)
+
+
+def test_a_prepared_folder_and_a_source_together_are_refused():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="both name the data: keep one"):
+        load_config("configs/llama_tiny.toml", ["data.prepared=/x", "data.source=a.jsonl"])
+    assert load_config("configs/llama_tiny.toml", ["data.prepared=/x"]).data.prepared == "/x"

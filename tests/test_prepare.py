@@ -199,3 +199,23 @@ def test_a_bad_record_stops_with_its_place_and_keeps_finished_shards(corpus, tmp
                 chunk_bytes=8 << 10, quiet=True)  # a worker meets it (a BPE trained here would first)
     partial = tmp_path / "p.partial"
     assert not (tmp_path / "p").exists() and (partial / "tokenizer.json").is_file()
+
+
+def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path):
+    """A user's tokenizer.json with 70,000 entries (a word-level model): ids above 65535 survive."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["</s>", "<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "doc.txt").write_text("w0 w69999 w65535 w12")
+    (tmp_path / "val.txt").write_text("w1")
+    out = prepare(str(tmp_path / "doc.txt"), str(tmp_path / "tokenizer.json"), tmp_path / "p",
+                  val_data=str(tmp_path / "val.txt"), quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["eot"] == 0
+    ds = open_dataset(DataConfig(prepared=str(out), tokenizer=str(tmp_path / "tokenizer.json"), seq_len=1),
+                      70_002, TrainConfig(global_batch=2, eval_sequences=1))
+    assert ds.sampler.tokens[0:5].tolist() == [2, 70_001, 65_537, 14, 0]
+    assert ds.val_windows.tolist() == [[3, 0]]
