@@ -71,6 +71,7 @@ def test_trainer_refuses_a_folder_made_with_another_tokenizer(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # three 2-process runs, each bounded by 300 s below
 def test_two_ranks_on_a_prepared_folder_resume_bit_for_bit_after_kill(tmp_path):
     """Uninterrupted 10 steps vs killed after step 5 (every rank SIGKILLs itself: still the
     trainer's MANO_TRAIN_CRASH_AT_STEP hook) and resumed from the step-3 checkpoint."""
@@ -79,15 +80,15 @@ def test_two_ranks_on_a_prepared_folder_resume_bit_for_bit_after_kill(tmp_path):
     folder = sotu_folder(tmp_path)
     data = ["--data-dir", str(folder)]
     straight = torchrun(tmp_path / "straight", "--resume", "none", *data)
-    output = straight.communicate(timeout=600)[0]
+    output = straight.communicate(timeout=300)[0]
     assert straight.returncode == 0, output
     assert f"data {folder}:" in output and "held-out documents" in output
     cut = tmp_path / "cut"
     killed = torchrun(cut, "--resume", "none", *data, env={"MANO_TRAIN_CRASH_AT_STEP": "5"})
-    killed.communicate(timeout=600)
+    killed.communicate(timeout=300)
     assert killed.returncode != 0
     resumed = torchrun(cut, "--resume", "auto", *data)
-    output = resumed.communicate(timeout=600)[0]
+    output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output and "step-3" in output
     assert_same_run(tmp_path / "straight", cut)
