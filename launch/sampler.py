@@ -8,10 +8,10 @@ Two orders:
 
 - ``feistel`` (prepared folders): a keyed Feistel permutation over the window indices with
   cycle-walking, a fresh key per epoch. O(1) memory per rank whatever the corpus size. Six
-  rounds of a 64-bit mixing function (splitmix64's finaliser) make it a pseudo-random
-  permutation (Luby-Rackoff): every window is visited once per epoch, and neighbouring positions
-  in the order come from unrelated places in the corpus, across all shards and documents (a
-  global shuffle, not a shuffle within shards).
+  rounds whose round function is splitmix64's finaliser (full avalanche; statistically strong,
+  not cryptographic, as Luby-Rackoff would need) give a well-mixed permutation: every window is
+  visited once per epoch, and neighbouring positions in the order come from unrelated places in
+  the corpus, across all shards and documents (a global shuffle, not a shuffle within shards).
 - ``permutation`` (sources tokenized inside the job, which are small): numpy's seeded
   permutation, one int64 per window, kept because the bundled-text runs (and the convergence
   study's cached results) were made with it.
