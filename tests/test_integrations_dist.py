@@ -1,0 +1,113 @@
+"""Mano under Accelerate's FSDP2 and DeepSpeed paths, 2 gloo ranks, tiny random-init LLaMA.
+
+Accelerate enables FSDP2 and DeepSpeed only on accelerator device types; on CPU each rank calls
+``tests.integrations_harness.accelerate_treats_cpu_as_accelerator()``, which changes only
+Accelerate's device detection. Everything else runs as on GPUs: ``Accelerator.prepare`` itself
+(``_prepare_fsdp2``: placeholders, ``fully_shard``, ``fsdp2_switch_optimizer_parameters``, in its
+order; ``_prepare_deepspeed``: ``deepspeed.initialize``), the Trainer's loop, ``save_state`` and
+``load_state``. References: the single-process Trainer, a plain single-process Mano loop on the
+global batch, and the plain DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.integrations_harness import (
+    CountingDataset, accelerate_treats_cpu_as_accelerator, counting_sequences, full_params,
+    reset_accelerate_state, set_rank_env, tiny_llama,
+)
+
+pytestmark = [pytest.mark.distributed]
+
+WORLD, MICRO, STEPS, LR = 2, 2, 3, 0.02
+ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+FSDP_CONFIG = {"fsdp_version": 2, "reshard_after_forward": True,
+               "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+
+
+def _recorder():
+    """A TrainerCallback recording the full params after every step and the collectives issued
+    inside ``optimizer.step()`` (between the Trainer's pre- and post-step callbacks)."""
+    from transformers import TrainerCallback
+
+    from mano_dist import CollectiveCounter
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.params, self.collectives, self.counter = [], [], None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.model = model
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.counter = CollectiveCounter().__enter__()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.counter.__exit__(None, None, None)
+            self.collectives.append([(c.kind, c.payload_bytes) for c in self.counter.calls])
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.params.append(full_params(model))
+
+    return Recorder()
+
+
+def _trainer(out_dir, batch, **extra):
+    from transformers import Trainer, TrainingArguments
+
+    from mano_dist.integrations import ManoFactory
+
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=STEPS, per_device_train_batch_size=batch, learning_rate=LR,
+        weight_decay=0.05, lr_scheduler_type="constant", report_to=[], seed=0, disable_tqdm=True,
+        save_strategy="no", train_sampling_strategy="sequential", **extra,
+    )
+    recorder = _recorder()
+    optimizer = extra.get("deepspeed") is None or "optimizer" not in extra["deepspeed"]
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), callbacks=[recorder],
+                      optimizer_cls_and_kwargs=ManoFactory.from_args(args, variant="v2") if optimizer else None)
+    return trainer, recorder
+
+
+def _max_error(got, want):
+    return max((got[n] - want[n]).abs().max().item() for n in want)
+
+
+# ------------------------------------------------------------------ Trainer + FSDP2
+def _trainer_fsdp2_body(rank, world_size, out_dir):
+    set_rank_env(rank, world_size)
+    accelerate_treats_cpu_as_accelerator()
+    trainer, recorder = _trainer(out_dir, MICRO, fsdp=True, fsdp_config=FSDP_CONFIG)
+    trainer.train()
+    from torch.distributed.tensor import DTensor
+
+    sharded = all(isinstance(p, DTensor) for p in trainer.model.parameters())
+    return {"params": recorder.params, "collectives": recorder.collectives, "sharded": sharded,
+            "distributed_type": str(trainer.accelerator.distributed_type)}
+
+
+def test_trainer_fsdp2_matches_one_process_and_sends_only_statistics(tmp_path):
+    results = run_distributed(_trainer_fsdp2_body, WORLD, tmp_path, str(tmp_path / "fsdp"), env=ENV, timeout=300)
+
+    reset_accelerate_state()
+    reference, ref_recorder = _trainer(tmp_path / "one", MICRO * WORLD, use_cpu=True)
+    reference.train()
+    assert results[0]["distributed_type"] == "DistributedType.FSDP" and results[0]["sharded"]
+    for step in range(STEPS):
+        for result in results:
+            assert _max_error(result["params"][step], ref_recorder.params[step]) < 1e-5, step
+    assert _max_error(results[0]["params"][-1], tiny_llama().state_dict()) > 1e-3  # it trained
+
+    # optimizer.step(): the non-finite flag (4 bytes) and, on the steps that normalise columns
+    # (sharded by FSDP2's row split), three fp32 statistics per column of every Mano matrix in one
+    # all-reduce; never a gather of a matrix.
+    stats = 3 * 4 * sum(p.shape[1] for n, p in tiny_llama().named_parameters() if "proj" in n)
+    for result in results:
+        steps = [sorted(b for _, b in calls) for calls in result["collectives"]]
+        assert all(kind == "all_reduce" for calls in result["collectives"] for kind, _ in calls)
+        assert all(s in ([4], [4, stats]) for s in steps) and [4, stats] in steps, steps
