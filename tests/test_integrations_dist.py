@@ -111,3 +111,103 @@ def test_trainer_fsdp2_matches_one_process_and_sends_only_statistics(tmp_path):
         steps = [sorted(b for _, b in calls) for calls in result["collectives"]]
         assert all(kind == "all_reduce" for calls in result["collectives"] for kind, _ in calls)
         assert all(s in ([4], [4, stats]) for s in steps) and [4, stats] in steps, steps
+
+
+# ------------------------------------------------------------------ an Accelerate loop with FSDP2
+def _global_batch(step):
+    tokens = counting_sequences(MICRO * WORLD * STEPS)
+    return tokens[step * MICRO * WORLD:(step + 1) * MICRO * WORLD]
+
+
+def _rank_batch(step, rank):
+    return _global_batch(step)[rank * MICRO:(rank + 1) * MICRO]
+
+
+def _reference_params():
+    """Plain Mano on the unsharded model and the global batch, one process."""
+    from mano_dist import Mano, mano_param_groups
+
+    model = tiny_llama()
+    optimizer = Mano(mano_param_groups(model), lr=LR, variant="v2")
+    out = []
+    for step in range(STEPS):
+        tokens = _global_batch(step)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def _accelerator():
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    reset_accelerate_state()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                            auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    return Accelerator(fsdp_plugin=plugin)
+
+
+def _loop(accelerator, model, optimizer, rank, steps, *, save_after=None, save_dir=None):
+    out = []
+    for step in steps:
+        tokens = _rank_batch(step, rank)
+        accelerator.backward(model(input_ids=tokens, labels=tokens).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(full_params(model))
+        if step == save_after:
+            accelerator.save_state(save_dir)
+    return out
+
+
+def _accelerate_loop_body(rank, world_size, ckpt_dir):
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from mano_dist import Mano, mano_param_groups
+
+    set_rank_env(rank, world_size)
+    accelerate_treats_cpu_as_accelerator()
+    runs = {}
+
+    # The documented order: optimizer on the unsharded model, then prepare(model, optimizer).
+    accelerator = _accelerator()
+    model = tiny_llama()
+    optimizer = Mano(mano_param_groups(model), lr=LR, variant="v2")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    runs["before"] = _loop(accelerator, model, optimizer, rank, range(STEPS), save_after=1, save_dir=ckpt_dir)
+    # The state built on the full-size params was dropped at the first step; what is left is one
+    # entry per sharded param, each tensor a shard (DTensor) or AdamW's scalar step count.
+    params = {id(p) for p in model.parameters()}
+    runs["state_sharded"] = {id(p) for p in optimizer.state} == params and all(
+        hasattr(t, "to_local") for s in optimizer.state.values() for t in s.values() if t.ndim)
+
+    # The other order: shard first (Accelerate's own FSDP2 wrapping), build Mano on DTensors.
+    accelerator = _accelerator()
+    model = fsdp2_prepare_model(accelerator, tiny_llama())
+    optimizer = Mano(mano_param_groups(model), lr=LR, variant="v2")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    runs["after"] = _loop(accelerator, model, optimizer, rank, range(STEPS))
+
+    # Resume: a fresh model and optimizer, prepared, then load_state of the checkpoint at step 2.
+    accelerator = _accelerator()
+    model = tiny_llama(seed=1)
+    optimizer = Mano(mano_param_groups(model), lr=LR, variant="v2")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.load_state(ckpt_dir)
+    runs["resumed"] = _loop(accelerator, model, optimizer, rank, range(2, STEPS))
+    return runs
+
+
+def test_accelerate_fsdp2_loop_both_orders_and_resume(tmp_path):
+    results = run_distributed(_accelerate_loop_body, WORLD, tmp_path, str(tmp_path / "ckpt"), env=ENV, timeout=300)
+    reference = _reference_params()
+    for runs in results:
+        assert runs["state_sharded"]
+        for order in ("before", "after"):
+            for step in range(STEPS):
+                assert _max_error(runs[order][step], reference[step]) < 1e-5, (order, step)
+        for name, p in runs["resumed"][0].items():
+            assert torch.equal(p, runs["before"][2][name]), name
