@@ -115,8 +115,8 @@ def test_trainer_fsdp2_matches_one_process_and_sends_only_statistics(tmp_path):
 
 # ------------------------------------------------------------------ an Accelerate loop with FSDP2
 def _global_batch(step):
-    tokens = counting_sequences(MICRO * WORLD * STEPS)
-    return tokens[step * MICRO * WORLD:(step + 1) * MICRO * WORLD]
+    """The samples the Trainer's sequential sampler gives step ``step`` (rank r: the r-th MICRO)."""
+    return counting_sequences(len(CountingDataset()))[step * MICRO * WORLD:(step + 1) * MICRO * WORLD]
 
 
 def _rank_batch(step, rank):
@@ -198,6 +198,16 @@ def _accelerate_loop_body(rank, world_size, ckpt_dir):
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.load_state(ckpt_dir)
     runs["resumed"] = _loop(accelerator, model, optimizer, rank, range(2, STEPS))
+
+    # FSDP1 flattens every param to 1-D: the factory refuses instead of routing all to AdamW.
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from mano_dist.integrations import ManoFactory
+
+    try:
+        ManoFactory()(FullyShardedDataParallel(tiny_llama(), device_id=torch.device("cpu")), lr=LR)
+    except ValueError as e:
+        runs["fsdp1_error"] = str(e)
     return runs
 
 
@@ -209,5 +219,79 @@ def test_accelerate_fsdp2_loop_both_orders_and_resume(tmp_path):
         for order in ("before", "after"):
             for step in range(STEPS):
                 assert _max_error(runs[order][step], reference[step]) < 1e-5, (order, step)
+        assert "FSDP2" in runs["fsdp1_error"]
         for name, p in runs["resumed"][0].items():
             assert torch.equal(p, runs["before"][2][name]), name
+
+
+# ------------------------------------------------------------------ Trainer + DeepSpeed ZeRO-2
+def _zero2_config(**optimizer_params):
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto", "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "Mano", "params": {"variant": "v2", **optimizer_params}},
+    }
+
+
+def _deepspeed_trainer_body(rank, world_size, out_dir):
+    import deepspeed
+
+    import mano_dist.deepspeed  # noqa: F401  registers "type": "Mano"
+
+    set_rank_env(rank, world_size)
+    accelerate_treats_cpu_as_accelerator()
+    # "auto": the Trainer fills lr and weight decay from TrainingArguments.
+    trainer, recorder = _trainer(out_dir, MICRO, deepspeed=_zero2_config(lr="auto", weight_decay="auto"))
+    trainer.train()
+    engine = trainer.model_wrapped
+    trained = {"distributed_type": str(trainer.accelerator.distributed_type),
+               "optimizer": type(engine.optimizer.optimizer).__name__, "zero_stage": engine.zero_optimization_stage(),
+               "params": recorder.params}
+
+    # No "optimizer" in the JSON: the Trainer calls ManoFactory, which builds DeepSpeedMano.
+    reset_accelerate_state()
+    config = _zero2_config()
+    del config["optimizer"]
+    trainer, recorder = _trainer(out_dir, MICRO, deepspeed=config)
+    trainer.train()
+    trained["factory_optimizer"] = type(trainer.model_wrapped.optimizer.optimizer).__name__
+    trained["factory_params"] = recorder.params
+
+    # The plain DeepSpeed engine, same config with the values the Trainer filled in; for the
+    # factory path, the client DeepSpeedMano with the groups and TrainingArguments' Adam settings.
+    from mano_dist.deepspeed import DeepSpeedMano
+    from mano_dist.integrations import trainer_param_groups
+
+    config = _zero2_config(lr=LR, weight_decay=0.05)
+    config.update(train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=1,
+                  train_batch_size=MICRO * world_size, gradient_clipping=1.0)
+    plain = {}
+    for path in ("json", "factory"):
+        model = tiny_llama()
+        optimizer = None
+        if path == "factory":
+            config.pop("optimizer")
+            optimizer = DeepSpeedMano(trainer_param_groups(model, 0.05), lr=LR, variant="v2",
+                                      adamw_betas=(0.9, 0.999), adamw_eps=1e-8)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               optimizer=optimizer, config=config)
+        plain[path] = []
+        for step in range(STEPS):
+            tokens = _rank_batch(step, rank)
+            engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+            engine.step()
+            plain[path].append(full_params(engine.module))
+    return {**trained, "plain": plain}
+
+
+def test_trainer_deepspeed_zero2_json_mano_matches_plain_engine(tmp_path):
+    results = run_distributed(_deepspeed_trainer_body, WORLD, tmp_path, str(tmp_path / "ds"), env=ENV, timeout=300)
+    for result in results:
+        assert result["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert (result["optimizer"], result["zero_stage"]) == ("DeepSpeedMano", 2)
+        for step in range(STEPS):
+            assert _max_error(result["params"][step], result["plain"]["json"][step]) < 1e-5, step
+            assert _max_error(result["factory_params"][step], result["plain"]["factory"][step]) < 1e-5, step
+        assert result["factory_optimizer"] == "DeepSpeedMano"
+        assert _max_error(result["params"][-1], tiny_llama().state_dict()) > 1e-3

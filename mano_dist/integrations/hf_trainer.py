@@ -64,6 +64,19 @@ def _accelerate_uses_deepspeed() -> bool:
     return AcceleratorState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED
 
 
+def _refuse_flattened_params(model: nn.Module) -> None:
+    """FSDP1 (``fsdp_version: 1``) flattens params into 1-D shards before the Trainer builds the
+    optimizer: no matrix is left for Mano, and every param would silently land on AdamW."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "Mano needs each param to keep its matrix shape, which FSDP1 (FullyShardedDataParallel) "
+            'flattens away. Use FSDP2: fsdp_config={"fsdp_version": 2} in TrainingArguments, or '
+            "FullyShardedDataParallelPlugin(fsdp_version=2) with Accelerate."
+        )
+
+
 class ManoFactory:
     """``Trainer(..., optimizer_cls_and_kwargs=(ManoFactory, {"lr": 1e-3, "variant": "v2"}))``.
 
@@ -88,6 +101,7 @@ class ManoFactory:
         adamw_options: dict[str, Any] | None = None,
         **mano_kwargs: Any,
     ) -> Mano:
+        _refuse_flattened_params(model)
         weight_decay = mano_kwargs.pop("weight_decay", mano_kwargs.pop("wd", 0.1))
         groups = trainer_param_groups(model, weight_decay, adamw_patterns=adamw_patterns,
                                       mano_patterns=mano_patterns, mano_options=mano_options,
