@@ -182,23 +182,25 @@ class Mano(Optimizer):
     _rebinds_swapped_params = True
 
     def _rebind_state(self) -> None:
-        """State for params put into ``param_groups`` after construction; none for params gone.
+        """State for params swapped into ``param_groups`` after construction; none for those
+        they replaced.
 
         Accelerate's FSDP2 preparation (``Accelerator.prepare(model, optimizer)``, the order the
         Transformers Trainer uses) replaces every group's params by their sharded DTensors after
         the optimizer was built. The new params get fresh state shaped like them, i.e. local
         shards (never full-size), and the state of the replaced full-size params is released.
-        State with history cannot follow a swap (nothing says which new tensor is which old
-        one), so a swap after a step raises instead of silently restarting momentum.
+        Params merely left out of the groups (DeepSpeed swaps groups in one at a time) keep their
+        state. State with history cannot follow a swap (nothing says which new tensor is which
+        old one), so a swap after a step raises instead of silently restarting momentum.
         """
         if not self._rebinds_swapped_params:
             return
         live = {id(p): (p, group) for group in self.param_groups for p in group["params"]}
-        stale = [p for p in self.state if id(p) not in live]
         fresh = [(p, group) for p, group in live.values() if not self.state.get(p)]
-        if not stale and not fresh:
+        if not fresh:
             return
-        if stale and fresh and any(group["step"] for group in self.param_groups):
+        stale = [p for p in self.state if id(p) not in live]
+        if stale and any(group["step"] for group in self.param_groups):
             raise RuntimeError(
                 f"Mano's params were replaced (e.g. by FSDP2 sharding in Accelerator.prepare) after "
                 f"{max(group['step'] for group in self.param_groups)} optimizer steps: their momentum "
