@@ -11,7 +11,7 @@ global batch, and the plain DeepSpeed engine.
 
 from __future__ import annotations
 
-import os
+import copy
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ from tests.integrations_harness import (
     reset_accelerate_state, set_rank_env, tiny_llama,
 )
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD, MICRO, STEPS, LR = 2, 2, 3, 0.02
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -266,6 +266,22 @@ def _deepspeed_trainer_body(rank, world_size, out_dir):
     config = _zero2_config(lr=LR, weight_decay=0.05)
     config.update(train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=1,
                   train_batch_size=MICRO * world_size, gradient_clipping=1.0)
+    # An Accelerate loop: DummyOptim stands for the JSON's optimizer.
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim
+
+    reset_accelerate_state()
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=copy.deepcopy(config)))
+    model = tiny_llama()
+    model, optimizer = accelerator.prepare(model, DummyOptim(model.parameters()))
+    trained["loop"] = []
+    for step in range(STEPS):
+        tokens = _rank_batch(step, rank)
+        accelerator.backward(model(input_ids=tokens, labels=tokens).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        trained["loop"].append(full_params(model.module))
+
     plain = {}
     for path in ("json", "factory"):
         model = tiny_llama()
@@ -285,6 +301,7 @@ def _deepspeed_trainer_body(rank, world_size, out_dir):
     return {**trained, "plain": plain}
 
 
+@pytest.mark.deepspeed
 def test_trainer_deepspeed_zero2_json_mano_matches_plain_engine(tmp_path):
     results = run_distributed(_deepspeed_trainer_body, WORLD, tmp_path, str(tmp_path / "ds"), env=ENV, timeout=300)
     for result in results:
@@ -292,6 +309,7 @@ def test_trainer_deepspeed_zero2_json_mano_matches_plain_engine(tmp_path):
         assert (result["optimizer"], result["zero_stage"]) == ("DeepSpeedMano", 2)
         for step in range(STEPS):
             assert _max_error(result["params"][step], result["plain"]["json"][step]) < 1e-5, step
+            assert _max_error(result["loop"][step], result["plain"]["json"][step]) < 1e-5, step
             assert _max_error(result["factory_params"][step], result["plain"]["factory"][step]) < 1e-5, step
         assert result["factory_optimizer"] == "DeepSpeedMano"
         assert _max_error(result["params"][-1], tiny_llama().state_dict()) > 1e-3
