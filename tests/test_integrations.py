@@ -93,6 +93,9 @@ def test_swapped_params_get_fresh_local_state_and_stale_state_is_dropped():
     optimizer = Mano([w], lr=0.1)
     new = torch.nn.Parameter(w.detach()[:3].clone())  # a "shard"
     optimizer.param_groups[0]["params"] = [new]
+    # state_dict() before any step (what a checkpoint right after prepare() sees) re-binds too.
+    assert optimizer.state_dict()["state"][0]["momentum_buffer"].shape == (3, 4)
+    assert list(optimizer.state) == [new]
     new.grad = torch.ones_like(new)
     optimizer.step()
     assert list(optimizer.state) == [new]
