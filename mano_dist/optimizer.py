@@ -199,6 +199,13 @@ class Mano(Optimizer):
         fresh = [(p, group) for p, group in live.values() if not self.state.get(p)]
         if not fresh:
             return
+        flat = [tuple(p.shape) for p, group in fresh if group["algorithm"] == "mano" and p.ndim < 2]
+        if flat:
+            raise ValueError(
+                f"Params of shape {flat[0]} were swapped into a Mano group after construction: "
+                "Mano needs each matrix's shape. FSDP1 (FullyShardedDataParallel) flattens params "
+                "like this; use FSDP2 (fully_shard, or fsdp_version=2 in Accelerate/Transformers)."
+            )
         stale = [p for p in self.state if id(p) not in live]
         if stale and any(group["step"] for group in self.param_groups):
             raise RuntimeError(

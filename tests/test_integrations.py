@@ -116,3 +116,15 @@ def test_import_mano_dist_stays_light():
             "print(sorted(m for m in ('transformers', 'accelerate', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_flattened_params_swapped_into_a_mano_group_are_refused():
+    """FSDP1-style flat shards: a clear error at the next step, before any collective."""
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    optimizer = Mano([w], lr=0.1)
+    flat = torch.nn.Parameter(w.detach().reshape(-1)[:12].clone())
+    optimizer.param_groups[0]["params"] = [flat]
+    flat.grad = torch.ones_like(flat)
+    with pytest.raises(ValueError, match="FSDP2"):
+        optimizer.step()
+    assert list(optimizer.state) == [w]

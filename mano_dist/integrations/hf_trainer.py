@@ -58,10 +58,10 @@ def _accelerate_uses_deepspeed() -> bool:
 
     if "accelerate" not in sys.modules:
         return False
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DistributedType
 
-    return AcceleratorState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED
+    return is_initialized() and AcceleratorState().distributed_type == DistributedType.DEEPSPEED
 
 
 def _refuse_flattened_params(model: nn.Module) -> None:
