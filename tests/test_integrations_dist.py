@@ -107,10 +107,13 @@ def test_trainer_fsdp2_matches_one_process_and_sends_only_statistics(tmp_path):
     # (sharded by FSDP2's row split), three fp32 statistics per column of every Mano matrix in one
     # all-reduce; never a gather of a matrix.
     stats = 3 * 4 * sum(p.shape[1] for n, p in tiny_llama().named_parameters() if "proj" in n)
+    # (Measured today: [4] and [4, 6144] bytes on alternate steps; the bound leaves room for
+    # the flag to be fused or dropped.)
     for result in results:
-        steps = [sorted(b for _, b in calls) for calls in result["collectives"]]
+        steps = [[b for _, b in calls] for calls in result["collectives"]]
         assert all(kind == "all_reduce" for calls in result["collectives"] for kind, _ in calls)
-        assert all(s in ([4], [4, stats]) for s in steps) and [4, stats] in steps, steps
+        assert all(sum(s) <= stats + 16 for s in steps), steps
+        assert any(s and max(s) >= stats for s in steps), steps
 
 
 # ------------------------------------------------------------------ an Accelerate loop with FSDP2
