@@ -472,27 +472,82 @@ def test_resume_at_other_world_sizes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- single process
-@pytest.mark.parametrize("shape,start,numel", [
-    ((5, 7), 3, 20), ((5, 7), 0, 35), ((5, 7), 7, 14), ((5, 7), 10, 2), ((5, 7), 0, 0),
-    ((4, 3), 2, 1), ((6, 5), 4, 23), ((3, 1), 1, 2),
-])
+FRAGMENTS = [((5, 7), 3, 20), ((5, 7), 0, 35), ((5, 7), 7, 14), ((5, 7), 10, 2), ((5, 7), 0, 0),
+             ((4, 3), 2, 1), ((6, 5), 4, 23), ((3, 1), 1, 2)]
+
+
+@pytest.mark.parametrize("shape,start,numel", FRAGMENTS)
 def test_fragment_layout_sums_equal_dense(shape, start, numel):
     """Partial slice sums and broadcasts of a row-major fragment equal the dense matrix's, with
-    the rest of the matrix zero (partial head/tail rows, whole rows, empty fragments)."""
+    the rest of the matrix zero (partial head/tail rows, whole rows, empty fragments); its
+    blocks are views of the fragment that tile it in order."""
     from mano_dist.deepspeed.fragments import FlatFragmentLayout
 
     m, n = shape
     lay = FlatFragmentLayout(shape, start, numel)
+    assert 1 <= len(lay.blocks) <= 3
     x, y = torch.randn(numel, dtype=torch.float64), torch.randn(numel, dtype=torch.float64)
+    pos = start
+    for b in lay.blocks:
+        assert b.offset == pos - start and b.row * n + b.col == pos and b.view(x).data_ptr() == x[b.offset:].data_ptr()
+        pos += b.rows * b.cols
+    assert pos == start + numel
     for axis in (0, 1):
         dense = torch.zeros(m * n, dtype=torch.float64)
         dense[start : start + numel] = x * y
         got = lay.dots([(x, y), (y, y)], axis)
         torch.testing.assert_close(got[0], dense.view(m, n).sum(axis))
         v = torch.randn(lay.num_slices(axis), dtype=torch.float64)
-        assert torch.equal(lay.expand(v, axis), v.unsqueeze(axis).expand(m, n).reshape(-1)[start : start + numel])
+        want = v.unsqueeze(axis).expand(m, n).reshape(-1)[start : start + numel]
+        got = torch.cat([(b.view(x) * 0 + b.expand(v, axis)).reshape(-1) for b in lay.blocks])
+        assert torch.equal(got[:numel], want)
     with pytest.raises(ValueError, match="does not fit"):
         FlatFragmentLayout(shape, m * n - 1, 2)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "both"])
+def test_fragment_steps_equal_dense(variant):
+    """A matrix cut into fragments (as ZeRO cuts it over ranks), each stepped on its blocks and
+    the ranks' partial sums added (what the all-reduce does), equals the dense step."""
+    from mano_dist.deepspeed.fragments import FlatFragmentLayout
+    from mano_dist.functional import AnyTrue, SliceSums, mano_matrix_step
+    from mano_dist.layouts import BlockLayout
+
+    torch.manual_seed(0)
+    m, n = 6, 5
+    W, D = torch.randn(m, n, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64)
+    D[2] = 3 * W[2]  # a row where the one-round formula cancels: the exact second round runs
+    hyper = dict(variant=variant, lr=0.1, weight_decay=0.1, eps=1e-8)
+    for axis in (0, 1):
+        want = W.clone()
+        dense = mano_matrix_step(want, D.clone(), BlockLayout((m, n)), axis=axis, **hyper)
+        _drive([dense], lambda reqs: reqs)
+        w_flat, d_flat = W.clone().reshape(-1), D.clone().reshape(-1)
+        cuts = [(0, 4), (4, 0), (4, 13), (17, 13)]  # head/whole/tail pieces and an empty rank
+        steps = [FlatFragmentLayout((m, n), s, k).matrix_step(w_flat[s : s + k], d_flat[s : s + k],
+                                                              axis=axis, **hyper) for s, k in cuts]
+        _drive(steps, lambda reqs: [SliceSums(sum(r.partial for r in reqs), reqs[0].axis)] * len(reqs)
+               if isinstance(reqs[0], SliceSums) else [AnyTrue(torch.stack([r.flag for r in reqs]).any())] * len(reqs))
+        torch.testing.assert_close(w_flat.view(m, n), want, rtol=0, atol=1e-12)
+
+
+def _drive(steps, combine):
+    """Run generators in step; ``combine`` maps a round's requests to their completed replies."""
+    from mano_dist.functional import AnyTrue
+
+    replies = [None] * len(steps)
+    while True:
+        requests = []
+        for s, r in zip(steps, replies):
+            try:
+                requests.append(s.send(r))
+            except StopIteration:
+                pass
+        if not requests:
+            return
+        assert len(requests) == len(steps)
+        done = combine(requests)
+        replies = [bool(d.flag) if isinstance(d, AnyTrue) else d.partial for d in done]
 
 
 def test_plain_mano_refuses_flat_params():
