@@ -430,45 +430,160 @@ def test_example_configs(tmp_path):
 
 # ----------------------------------------------------------------------------- resharding
 GLOBAL_ROWS = 12  # divisible by MICRO * world size for 1, 2 and 3 ranks
+# (stage, zero_extra): stage 3 with sub_group_size 30 holds several sub-groups per param group
+RESHARD_RUNS = [(1, None), (2, None), (3, {"sub_group_size": 30})]
+
+
+def _schedule(opt):
+    """An LR schedule that changes every step, so a restarted schedule shows."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+
+
+def _run_engine(stage, zero_extra, world_size):
+    import deepspeed
+
+    import mano_dist.deepspeed  # noqa: F401
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    cfg = ds_config(stage, GLOBAL_ROWS // (MICRO * world_size), world_size, zero_extra=zero_extra)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                      lr_scheduler=_schedule)
+    return engine
 
 
 def _save_body(rank, world_size, ckpt_dir, steps):
+    """Train ``steps`` steps and save_run; return the RNG state each rank saved."""
+    from mano_dist.deepspeed.checkpoint import save_run
+
     _set_env(rank, world_size)
-    for stage in (1, 2, 3):
-        engine = _make_engine(stage, GLOBAL_ROWS // (MICRO * world_size), world_size)
+    out = {}
+    for stage, zero_extra in RESHARD_RUNS:
+        engine = _run_engine(stage, zero_extra, world_size)
+        if stage == 3:
+            parts = engine.optimizer.sub_group_to_group_id
+            assert len(parts) > len(set(parts.values())) and len([g for g in parts.values() if g == 0]) > 1, parts
         _train(engine, rank, world_size, GLOBAL_ROWS // (MICRO * world_size), steps)
-        engine.save_checkpoint(f"{ckpt_dir}/stage{stage}", tag="saved")
-    return True
+        torch.manual_seed(100 + rank)  # a rank-specific RNG state to restore
+        save_run(engine, f"{ckpt_dir}/stage{stage}", "saved", {"sequences_seen": steps * GLOBAL_ROWS})
+        out[stage] = torch.get_rng_state()
+    return out
 
 
 def _resume_body(rank, world_size, ckpt_dir, first_step, steps):
-    from mano_dist.deepspeed.checkpoint import load_resharded
+    """Per config: an uninterrupted run of first_step + steps at this world size, and a run
+    resumed (load_run) from the checkpoint saved at another world size."""
+    import warnings
+
+    from mano_dist.deepspeed.checkpoint import load_run
 
     _set_env(rank, world_size)
     accum = GLOBAL_ROWS // (MICRO * world_size)
     out = {}
-    for stage in (1, 2, 3):
-        engine = _make_engine(stage, accum, world_size)
-        load_resharded(engine, f"{ckpt_dir}/stage{stage}", "saved")
-        counters = [g["step"] for g in engine.basic_optimizer.param_groups]
+    for stage, zero_extra in RESHARD_RUNS:
+        straight = _run_engine(stage, zero_extra, world_size)
+        _train(straight, rank, world_size, accum, first_step + steps)
+        engine = _run_engine(stage, zero_extra, world_size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path, client = load_run(engine, f"{ckpt_dir}/stage{stage}", None)
+        rng_after_load = torch.get_rng_state()
+        resumed_state = (engine.lr_scheduler.get_last_lr(), [g["step"] for g in engine.basic_optimizer.param_groups],
+                         engine.global_steps, client, [str(w.message) for w in caught if "RNG" in str(w.message)])
         _train(engine, rank, world_size, accum, steps, first_step=first_step)
-        out[stage] = (_full_params(engine, stage), counters)
+        out[stage] = {
+            "error": max_error(_full_params(engine, stage), _full_params(straight, stage)),
+            "lr": (engine.lr_scheduler.get_last_lr(), straight.lr_scheduler.get_last_lr()),
+            "resumed": resumed_state, "rng": rng_after_load,
+        }
     return out
 
 
-def test_resume_at_other_world_sizes(tmp_path):
-    """Save at 2 ranks after 3 steps; resume at 1 and 3 ranks for 2 more; compare with the
-    uninterrupted single-process reference (3 steps then 2: the rotation must continue)."""
+def test_resume_whole_run_at_other_world_sizes(tmp_path):
+    """Save at 2 ranks after 3 steps (stages 1, 2, and 3 with several sub-groups per param group);
+    resume at 1 and 3 ranks through the converter (load_run); 2 more steps equal an uninterrupted
+    run at the new world size: params, optimizer state, rotation phase, LR schedule, engine step,
+    data position (client state) and each saved rank's RNG state all came back."""
     ckpt = str(tmp_path / "ckpt")
-    run_distributed(_save_body, 2, tmp_path, ckpt, 3, env=ENV, timeout=300)
-    want = reference_params(1, GLOBAL_ROWS // MICRO, 5)
+    saved_rng = run_distributed(_save_body, 2, tmp_path, ckpt, 3, env=ENV, timeout=300)
+    want_lr = [0.02 / (1 + 0.5 * 3)] * 2
     for world_size in (1, 3):
-        results = run_distributed(_resume_body, world_size, tmp_path, ckpt, 3, 2, env=ENV, timeout=300)
+        results = run_distributed(_resume_body, world_size, tmp_path, ckpt, 3, 2, env=ENV, timeout=400)
         for rank, res in enumerate(results):
-            for stage, (got, counters) in res.items():
-                assert counters == [3, 3], (world_size, stage, counters)
-                err = max_error(got, want)
-                assert err < 2e-6, (world_size, rank, stage, err)
+            for stage, r in res.items():
+                lr, counters, global_steps, client, rng_warnings = r["resumed"]
+                assert lr == pytest.approx(want_lr) and counters == [3, 3] and global_steps == 3, (stage, r["resumed"])
+                assert client == {"sequences_seen": 3 * GLOBAL_ROWS}, client
+                if rank < 2:
+                    assert torch.equal(r["rng"], saved_rng[rank][stage]) and not rng_warnings, (rank, stage)
+                else:
+                    assert "no RNG state for rank 2" in rng_warnings[0], rng_warnings
+                assert r["lr"][0] == pytest.approx(r["lr"][1]), (stage, r["lr"])
+                # the first 3 steps ran at 2 ranks: only the reduction order differs
+                assert r["error"] < 2e-6, (world_size, rank, stage, r["error"])
+
+
+def test_consolidated_file_maps_subgroups_to_groups(tmp_path):
+    """The offline converter: a stage-3 checkpoint with several sub-groups per param group maps
+    every param to its param group by the saved sub-group lists, and carries the schedule, the
+    counters, the client state and both ranks' RNG states."""
+    from mano_dist.deepspeed.checkpoint import consolidate, main
+    from mano_dist.param_groups import classify_parameters
+
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_save_body, 2, tmp_path, ckpt, 1, env=ENV, timeout=300)
+    main([f"{ckpt}/stage3", "saved", str(tmp_path / "out.pt")])
+    c = torch.load(tmp_path / "out.pt", weights_only=False)
+    mano = {n for n, _ in classify_parameters(TinyLM())[0]}
+    assert {n for n, g in c["group_of"].items() if g == 0} == mano and set(c["group_of"].values()) == {0, 1}
+    assert all(("momentum_buffer" in c["state"][n]) == (n in mano) for n in c["params"])
+    assert c["scheduler"]["last_epoch"] == 1 and c["global_steps"] == 1 and sorted(c["rng"]) == [0, 1]
+    assert c["client_state"] == {"sequences_seen": GLOBAL_ROWS} and c["world_size"] == 2
+    assert consolidate(f"{ckpt}/stage3", "saved")["groups"][0]["step"] == 1
+
+
+# ----------------------------------------------------------------------------- universal checkpoints
+def _universal_body(rank, world_size, ckpt_dir):
+    """load_universal with Mano: the error, alike on every rank, before anything is loaded."""
+    _set_env(rank, world_size)
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    engine = _make_engine(2, 1, world_size)
+    _train(engine, rank, world_size, 1, 1)
+    # what ds_to_universal needs from a client (Megatron-DeepSpeed writes it)
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(ckpt_dir, tag="saved", client_state=info)
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    cfg = dict(ds_config(2, 1, world_size), checkpoint={"load_universal": True})
+    cfg_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    before = _full_params(cfg_engine, 2)
+    try:
+        cfg_engine.load_checkpoint(ckpt_dir, tag="saved")
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return error, max_error(_full_params(cfg_engine, 2), before)
+
+
+def test_universal_checkpoint_is_refused_with_the_converter_named(tmp_path):
+    """DeepSpeed 0.19.8's ds_to_universal cannot carry Mano's momentum (it reads Adam's exp_avg and
+    fails on a Mano checkpoint); loading with load_universal fails with an error naming our
+    converter, on every rank, and changes nothing."""
+    import subprocess
+    import sys
+
+    ckpt = str(tmp_path / "ckpt")
+    for error, change in run_distributed(_universal_body, 2, tmp_path, ckpt, env=ENV, timeout=300):
+        assert error and "python -m mano_dist.deepspeed.checkpoint" in error and "load_universal" in error, error
+        assert change == 0.0
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           f"{ckpt}/saved", "--output_folder", str(tmp_path / "universal")],
+                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
+    assert proc.returncode != 0 and "KeyError: 'exp_avg'" in proc.stderr, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- single process
