@@ -163,11 +163,13 @@ def max_error(got, want):
 def test_zero_stages_match_reference(tmp_path, world_size):
     """Stages 0-3, accumulation 1 and 2, 4 steps (both rotation axes twice); the v1 and "both"
     variants on stages 2 and 3; stage 3 with several sub-groups per param group (DeepSpeed then
-    calls step() once per sub-group: the rotation must still turn once per optimizer step)."""
+    calls step() once per sub-group: the rotation must still turn once per optimizer step);
+    stages 2 and 3 with the optimizer offloaded to the CPU (ZeRO-Offload)."""
     steps = 4
     runs = [(stage, accum, steps, None, None) for stage in (0, 1, 2, 3) for accum in (1, 2)]
     runs += [(stage, 1, steps, dict(HYPER, variant=v), None) for stage in (2, 3) for v in ("v1", "both")]
     runs += [(3, 2, steps, None, {"sub_group_size": 50})]
+    runs += [(stage, 2, steps, None, {"offload_optimizer": {"device": "cpu"}}) for stage in (2, 3)]
     results = run_distributed(_train_body, world_size, tmp_path, runs, env=ENV, timeout=400)
     for i, (stage, accum, _, hyper, zero_extra) in enumerate(runs):
         want = reference_params(world_size, accum, steps, hyper)
@@ -415,7 +417,8 @@ def test_example_configs(tmp_path):
 
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in root.glob("ds_*.json"))
-    assert names == ["ds_bf16.json", "ds_zero1.json", "ds_zero2.json", "ds_zero3.json"]
+    assert names == ["ds_bf16.json", "ds_zero1.json", "ds_zero2.json", "ds_zero2_offload.json", "ds_zero3.json",
+                     "ds_zero3_offload.json"]
     configs = {}
     for name in names:
         cfg = json.loads((root / name).read_text())
@@ -426,6 +429,66 @@ def test_example_configs(tmp_path):
     for rank_result in run_distributed(_configs_body, 2, tmp_path, configs, env=ENV, timeout=300):
         for name, (optimizer, change, finite) in rank_result.items():
             assert optimizer == "DeepSpeedMano" and finite and change > 1e-3, (name, optimizer, change)
+
+
+# ----------------------------------------------------------------------------- memory, offload
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+
+
+def _memory_offload_body(rank, world_size):
+    """Persistent optimizer bytes per partition element (Mano, AdamW) per stage and offload; a
+    client DeepSpeedMano under offload with and without zero_force_ds_cpu_optimizer."""
+    import deepspeed
+
+    import mano_dist.deepspeed as mds
+    from mano_dist import mano_param_groups
+    from mano_dist.bench.ds_memory import MANO, PEERS, MatrixStack, persistent_bytes_per_element
+    from mano_dist.bench.ds_memory import ds_config as bench_config
+    from mano_dist.deepspeed.zero_metadata import flat_partitions
+
+    _set_env(rank, world_size)
+    out = {"bytes": {}, "client": {}}
+    for stage, offload in ((1, False), (2, False), (3, False), (2, True), (3, True)):
+        for name, opt in (("mano", MANO), ("adamw", PEERS["adamw"] if not offload else PEERS["cpuadam"])):
+            torch.manual_seed(0)
+            model = MatrixStack(9, 3)  # 81-element matrices: partitions cut rows
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                              config=bench_config(stage, offload, opt, micro=2))
+            for _ in range(2):
+                engine.backward(engine(torch.randn(2, 9)))
+                engine.step()
+            parts = [p.flat for p in flat_partitions(engine.optimizer)]
+            out["bytes"][(stage, offload, name)] = (type(engine.basic_optimizer).__name__,
+                                                    persistent_bytes_per_element(engine.basic_optimizer, parts))
+    for force in (True, False):
+        torch.manual_seed(0)
+        model = TinyLM()
+        cfg = dict(ds_config(2, 1, world_size, json_optimizer=False, zero_extra=OFFLOAD),
+                   zero_force_ds_cpu_optimizer=force)
+        try:
+            engine, *_ = mds.initialize(model=model, config=cfg,
+                                        optimizer=mds.DeepSpeedMano(mano_param_groups(model), **HYPER))
+            _train(engine, rank, world_size, 1, 2)
+            out["client"][force] = _full_params(engine, 2)
+        except Exception as e:  # noqa: BLE001 - the error is the result
+            out["client"][force] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_state_bytes_per_element_and_offload(tmp_path):
+    """Mano keeps 4 bytes per partition element (its momentum; no per-element index or cache),
+    AdamW 8, on ZeRO 1-3 and with the optimizer offloaded; a client DeepSpeedMano under offload
+    needs "zero_force_ds_cpu_optimizer": false (DeepSpeed's check), then matches the reference."""
+    results = run_distributed(_memory_offload_body, 2, tmp_path, env=ENV, timeout=400)
+    want = reference_params(2, 1, 2)
+    for res in results:
+        for (stage, offload, name), (cls, per_element) in res["bytes"].items():
+            if name == "mano":
+                assert cls == "DeepSpeedMano" and per_element == 4.0, (stage, offload, per_element)
+            else:  # exp_avg, exp_avg_sq (+ a scalar step count per flat partition)
+                assert 8.0 <= per_element < 8.5, (stage, offload, cls, per_element)
+        assert "zero_force_ds_cpu_optimizer" in res["client"][True], res["client"][True]
+        assert max_error(res["client"][False], want) < 2e-6
 
 
 # ----------------------------------------------------------------------------- resharding
