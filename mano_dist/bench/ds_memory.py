@@ -15,8 +15,9 @@ Per run it reports, on rank 0, after warm-up steps:
   calls above the level just before each (``VmHWM`` reset through ``/proc/self/clear_refs``;
   glibc returns blocks >= 64 KiB to the kernel at once, so freed temporaries do not linger);
 - the optimizer's step time: the wall time of its ``step()`` calls (ZeRO's own gradient
-  reduction, norm and parameter all-gather excluded), the fastest of the timed steps (on a
-  shared machine the least disturbed one) and their median.
+  reduction, norm and parameter all-gather excluded; the ranks meet at a barrier before each
+  call, so Mano's statistics all-reduce does not absorb another rank's lateness), the fastest
+  of the timed steps (on a shared machine the least disturbed one) and their median.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 PEERS = {"adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
@@ -123,6 +125,8 @@ class StepProbe:
         inner = optimizer.step
 
         def step(*args, **kwargs):
+            if dist.is_initialized():  # time this rank's step, not the other ranks' lateness
+                dist.barrier()
             before = _resident_bytes()
             _reset_peak()
             start = time.perf_counter()
