@@ -475,6 +475,7 @@ def _memory_offload_body(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_state_bytes_per_element_and_offload(tmp_path):
     """Mano keeps 4 bytes per partition element (its momentum; no per-element index or cache),
     AdamW 8, on ZeRO 1-3 and with the optimizer offloaded; a client DeepSpeedMano under offload
@@ -513,6 +514,23 @@ def _run_engine(stage, zero_extra, world_size):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
                                       lr_scheduler=_schedule)
     return engine
+
+
+def check_consolidated_file(folder, out):
+    """The offline converter on a stage-3 checkpoint with several sub-groups per param group:
+    every param is mapped to its param group by the saved sub-group lists; the schedule, the
+    counters, the client state and both ranks' RNG states are in the file."""
+    from mano_dist.deepspeed.checkpoint import main
+    from mano_dist.param_groups import classify_parameters
+
+    main([folder, "saved", str(out)])
+    c = torch.load(out, weights_only=False)
+    mano = {n for n, _ in classify_parameters(TinyLM())[0]}
+    assert {n for n, g in c["group_of"].items() if g == 0} == mano and set(c["group_of"].values()) == {0, 1}
+    assert all(("momentum_buffer" in c["state"][n]) == (n in mano) for n in c["params"])
+    assert [g["step"] for g in c["groups"]] == [3, 3] and c["world_size"] == 2
+    assert c["scheduler"]["last_epoch"] == 3 and c["global_steps"] == 3 and sorted(c["rng"]) == [0, 1]
+    assert c["client_state"] == {"sequences_seen": 3 * GLOBAL_ROWS}
 
 
 def _save_body(rank, world_size, ckpt_dir, steps):
@@ -562,6 +580,7 @@ def _resume_body(rank, world_size, ckpt_dir, first_step, steps):
     return out
 
 
+@pytest.mark.slow
 def test_resume_whole_run_at_other_world_sizes(tmp_path):
     """Save at 2 ranks after 3 steps (stages 1, 2, and 3 with several sub-groups per param group);
     resume at 1 and 3 ranks through the converter (load_run); 2 more steps equal an uninterrupted
@@ -569,6 +588,7 @@ def test_resume_whole_run_at_other_world_sizes(tmp_path):
     data position (client state) and each saved rank's RNG state all came back."""
     ckpt = str(tmp_path / "ckpt")
     saved_rng = run_distributed(_save_body, 2, tmp_path, ckpt, 3, env=ENV, timeout=300)
+    check_consolidated_file(f"{ckpt}/stage3", tmp_path / "out.pt")
     want_lr = [0.02 / (1 + 0.5 * 3)] * 2
     for world_size in (1, 3):
         results = run_distributed(_resume_body, world_size, tmp_path, ckpt, 3, 2, env=ENV, timeout=400)
@@ -584,25 +604,6 @@ def test_resume_whole_run_at_other_world_sizes(tmp_path):
                 assert r["lr"][0] == pytest.approx(r["lr"][1]), (stage, r["lr"])
                 # the first 3 steps ran at 2 ranks: only the reduction order differs
                 assert r["error"] < 2e-6, (world_size, rank, stage, r["error"])
-
-
-def test_consolidated_file_maps_subgroups_to_groups(tmp_path):
-    """The offline converter: a stage-3 checkpoint with several sub-groups per param group maps
-    every param to its param group by the saved sub-group lists, and carries the schedule, the
-    counters, the client state and both ranks' RNG states."""
-    from mano_dist.deepspeed.checkpoint import consolidate, main
-    from mano_dist.param_groups import classify_parameters
-
-    ckpt = str(tmp_path / "ckpt")
-    run_distributed(_save_body, 2, tmp_path, ckpt, 1, env=ENV, timeout=300)
-    main([f"{ckpt}/stage3", "saved", str(tmp_path / "out.pt")])
-    c = torch.load(tmp_path / "out.pt", weights_only=False)
-    mano = {n for n, _ in classify_parameters(TinyLM())[0]}
-    assert {n for n, g in c["group_of"].items() if g == 0} == mano and set(c["group_of"].values()) == {0, 1}
-    assert all(("momentum_buffer" in c["state"][n]) == (n in mano) for n in c["params"])
-    assert c["scheduler"]["last_epoch"] == 1 and c["global_steps"] == 1 and sorted(c["rng"]) == [0, 1]
-    assert c["client_state"] == {"sequences_seen": GLOBAL_ROWS} and c["world_size"] == 2
-    assert consolidate(f"{ckpt}/stage3", "saved")["groups"][0]["step"] == 1
 
 
 # ----------------------------------------------------------------------------- universal checkpoints
@@ -632,6 +633,7 @@ def _universal_body(rank, world_size, ckpt_dir):
     return error, max_error(_full_params(cfg_engine, 2), before)
 
 
+@pytest.mark.slow
 def test_universal_checkpoint_is_refused_with_the_converter_named(tmp_path):
     """DeepSpeed 0.19.8's ds_to_universal cannot carry Mano's momentum (it reads Adam's exp_avg and
     fails on a Mano checkpoint); loading with load_universal fails with an error naming our
