@@ -293,15 +293,18 @@ def _api_body(rank, world_size, ckpt_dir):
             _train(engine, rank, world_size, 1, 1, first_step=step)
             per_step.append(list(calls))
         out["collectives"][stage] = per_step
-    # Checkpoint at step 2, resume, compare with the uninterrupted run.
-    for stage in (1, 2, 3):
+    # Checkpoint at step 2, resume at the same world size (save_run/load_run take DeepSpeed's
+    # own path there), compare with the uninterrupted run.
+    from mano_dist.deepspeed.checkpoint import load_run, save_run
+
+    for stage in (0, 1, 2, 3):
         engine = _make_engine(stage, 2, world_size)
         _train(engine, rank, world_size, 2, 2)
-        engine.save_checkpoint(f"{ckpt_dir}/stage{stage}", tag="step2")
+        save_run(engine, f"{ckpt_dir}/stage{stage}", "step2")
         _train(engine, rank, world_size, 2, 2, first_step=2)
         straight = _full_params(engine, stage)
         engine = _make_engine(stage, 2, world_size)
-        engine.load_checkpoint(f"{ckpt_dir}/stage{stage}", tag="step2")
+        load_run(engine, f"{ckpt_dir}/stage{stage}")
         steps_after_load = [g["step"] for g in engine.basic_optimizer.param_groups]
         _train(engine, rank, world_size, 2, 2, first_step=2)
         out["resume"][stage] = (max_error(_full_params(engine, stage), straight), steps_after_load)

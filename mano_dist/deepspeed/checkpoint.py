@@ -140,8 +140,9 @@ def _group_of_flat(stage: int, base_state: dict, num_flats: int) -> list[int]:
     return [mapping[s] for s in range(num_flats)]
 
 
-def load_consolidated(engine, consolidated: dict) -> None:
-    """Write a consolidated checkpoint into ``engine`` (any world size, stage 1-3, Mano)."""
+def load_consolidated(engine, consolidated: dict) -> dict:
+    """Write a consolidated checkpoint into ``engine`` (any world size, stage 1-3, Mano) and
+    restore the run's scheduler, counters and RNG; returns the client state."""
     optimizer = engine.basic_optimizer
     if not isinstance(optimizer, DeepSpeedMano):
         raise TypeError("load_consolidated needs an engine built with Mano (DeepSpeedMano)")
@@ -234,8 +235,8 @@ def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, 
 
     Returns ``(path, client_state)``, or None when ``tag`` is None and there is no ``latest``.
     The saved world size is read from the file names, alike on every rank, so all ranks take
-    the same path: ``engine.load_checkpoint`` when it equals this one (bit-exact), else the
-    converter (:func:`load_resharded`).
+    the same path: ``engine.load_checkpoint`` when it equals this one (bit-exact) or the
+    checkpoint is not partitioned (stage 0), else the converter (:func:`load_resharded`).
     """
     import torch.distributed as dist
 
@@ -243,11 +244,11 @@ def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, 
         latest = os.path.join(checkpoint_dir, "latest")
         if not os.path.isfile(latest):
             return None
-        tag = open(latest).read().strip()
+        with open(latest) as f:
+            tag = f.read().strip()
     folder = os.path.join(checkpoint_dir, tag)
     saved = len(_rank_files(folder, "zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    world = dist.get_world_size(engine.optimizer.dp_process_group) if dist.is_initialized() else 1
-    if saved == world:
+    if saved in (0, engine.dp_world_size):  # 0: ZeRO stage 0, the whole state in one file
         path, client = engine.load_checkpoint(checkpoint_dir, tag=tag)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {folder}")
