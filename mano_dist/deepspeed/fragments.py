@@ -16,7 +16,7 @@ data-parallel group completes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -106,6 +106,7 @@ class FlatFragmentLayout:
     start: int
     numel: int
     groups: tuple[ReduceGroup, ...] = ()
+    blocks: tuple[MatrixBlock, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         m, n = self.global_shape
