@@ -153,16 +153,19 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan"), seconds
 
     def save(self, step: int, seen: int) -> None:
-        self.engine.save_checkpoint(str(self.folder), tag=f"step-{step}",
-                                    client_state={"step": step, "sequences_seen": seen})
+        from mano_dist.deepspeed.checkpoint import save_run
+
+        save_run(self.engine, str(self.folder), f"step-{step}", {"step": step, "sequences_seen": seen})
 
     def load(self, resume: str):
-        if resume == "auto" and not (self.folder / "latest").is_file():
-            return None
+        """Any data-parallel world size: the converter restores weights, optimizer, schedule, RNG."""
+        from mano_dist.deepspeed.checkpoint import load_run
+
         folder, tag = (self.folder, None) if resume == "auto" else (Path(resume).parent, Path(resume).name)
-        path, client = self.engine.load_checkpoint(str(folder), tag=tag)
-        if path is None:
+        info = load_run(self.engine, str(folder), tag)
+        if info is None:
             return None
+        path, client = info
         return client["step"], client["sequences_seen"], path
 
     def eval_mode(self):

@@ -288,7 +288,7 @@ class Mano(Optimizer):
         axis = int(group["step"]) % 2
         return [
             (
-                mano_matrix_step(
+                self._matrix_step(
                     weight, d, lay, axis=axis, variant=group["variant"],
                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                 ),
@@ -296,6 +296,10 @@ class Mano(Optimizer):
             )
             for (weight, _, _, lay), d in zip(matrices, directions)
         ]
+
+    def _matrix_step(self, weight, direction, layout, **hyper):
+        """One matrix's step generator (a subclass whose views are not 2-D blocks overrides it)."""
+        return mano_matrix_step(weight, direction, layout, **hyper)
 
     def _adamw_group(self, group):
         params = self._with_grads(group)

@@ -163,11 +163,13 @@ def max_error(got, want):
 def test_zero_stages_match_reference(tmp_path, world_size):
     """Stages 0-3, accumulation 1 and 2, 4 steps (both rotation axes twice); the v1 and "both"
     variants on stages 2 and 3; stage 3 with several sub-groups per param group (DeepSpeed then
-    calls step() once per sub-group: the rotation must still turn once per optimizer step)."""
+    calls step() once per sub-group: the rotation must still turn once per optimizer step);
+    stages 2 and 3 with the optimizer offloaded to the CPU (ZeRO-Offload)."""
     steps = 4
     runs = [(stage, accum, steps, None, None) for stage in (0, 1, 2, 3) for accum in (1, 2)]
     runs += [(stage, 1, steps, dict(HYPER, variant=v), None) for stage in (2, 3) for v in ("v1", "both")]
     runs += [(3, 2, steps, None, {"sub_group_size": 50})]
+    runs += [(stage, 2, steps, None, {"offload_optimizer": {"device": "cpu"}}) for stage in (2, 3)]
     results = run_distributed(_train_body, world_size, tmp_path, runs, env=ENV, timeout=400)
     for i, (stage, accum, _, hyper, zero_extra) in enumerate(runs):
         want = reference_params(world_size, accum, steps, hyper)
@@ -291,15 +293,18 @@ def _api_body(rank, world_size, ckpt_dir):
             _train(engine, rank, world_size, 1, 1, first_step=step)
             per_step.append(list(calls))
         out["collectives"][stage] = per_step
-    # Checkpoint at step 2, resume, compare with the uninterrupted run.
-    for stage in (1, 2, 3):
+    # Checkpoint at step 2, resume at the same world size (save_run/load_run take DeepSpeed's
+    # own path there), compare with the uninterrupted run.
+    from mano_dist.deepspeed.checkpoint import load_run, save_run
+
+    for stage in (0, 1, 2, 3):
         engine = _make_engine(stage, 2, world_size)
         _train(engine, rank, world_size, 2, 2)
-        engine.save_checkpoint(f"{ckpt_dir}/stage{stage}", tag="step2")
+        save_run(engine, f"{ckpt_dir}/stage{stage}", "step2")
         _train(engine, rank, world_size, 2, 2, first_step=2)
         straight = _full_params(engine, stage)
         engine = _make_engine(stage, 2, world_size)
-        engine.load_checkpoint(f"{ckpt_dir}/stage{stage}", tag="step2")
+        load_run(engine, f"{ckpt_dir}/stage{stage}")
         steps_after_load = [g["step"] for g in engine.basic_optimizer.param_groups]
         _train(engine, rank, world_size, 2, 2, first_step=2)
         out["resume"][stage] = (max_error(_full_params(engine, stage), straight), steps_after_load)
@@ -415,7 +420,8 @@ def test_example_configs(tmp_path):
 
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.name for p in root.glob("ds_*.json"))
-    assert names == ["ds_bf16.json", "ds_zero1.json", "ds_zero2.json", "ds_zero3.json"]
+    assert names == ["ds_bf16.json", "ds_zero1.json", "ds_zero2.json", "ds_zero2_offload.json", "ds_zero3.json",
+                     "ds_zero3_offload.json"]
     configs = {}
     for name in names:
         cfg = json.loads((root / name).read_text())
@@ -428,71 +434,303 @@ def test_example_configs(tmp_path):
             assert optimizer == "DeepSpeedMano" and finite and change > 1e-3, (name, optimizer, change)
 
 
+# ----------------------------------------------------------------------------- memory, offload
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+
+
+def _memory_offload_body(rank, world_size):
+    """Persistent optimizer bytes per partition element (Mano, AdamW) per stage and offload; a
+    client DeepSpeedMano under offload with and without zero_force_ds_cpu_optimizer."""
+    import deepspeed
+
+    import mano_dist.deepspeed as mds
+    from mano_dist import mano_param_groups
+    from mano_dist.bench.ds_memory import MANO, PEERS, MatrixStack, persistent_bytes_per_element
+    from mano_dist.bench.ds_memory import ds_config as bench_config
+    from mano_dist.deepspeed.zero_metadata import flat_partitions
+
+    _set_env(rank, world_size)
+    out = {"bytes": {}, "client": {}}
+    for stage, offload in ((1, False), (2, False), (3, False), (2, True), (3, True)):
+        for name, opt in (("mano", MANO), ("adamw", PEERS["adamw"] if not offload else PEERS["cpuadam"])):
+            torch.manual_seed(0)
+            model = MatrixStack(9, 3)  # 81-element matrices: partitions cut rows
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                              config=bench_config(stage, offload, opt, micro=2))
+            for _ in range(2):
+                engine.backward(engine(torch.randn(2, 9)))
+                engine.step()
+            parts = [p.flat for p in flat_partitions(engine.optimizer)]
+            out["bytes"][(stage, offload, name)] = (type(engine.basic_optimizer).__name__,
+                                                    persistent_bytes_per_element(engine.basic_optimizer, parts))
+    for force in (True, False):
+        torch.manual_seed(0)
+        model = TinyLM()
+        cfg = dict(ds_config(2, 1, world_size, json_optimizer=False, zero_extra=OFFLOAD),
+                   zero_force_ds_cpu_optimizer=force)
+        try:
+            engine, *_ = mds.initialize(model=model, config=cfg,
+                                        optimizer=mds.DeepSpeedMano(mano_param_groups(model), **HYPER))
+            _train(engine, rank, world_size, 1, 2)
+            out["client"][force] = _full_params(engine, 2)
+        except Exception as e:  # noqa: BLE001 - the error is the result
+            out["client"][force] = f"{type(e).__name__}: {e}"
+    return out
+
+
+@pytest.mark.slow
+def test_state_bytes_per_element_and_offload(tmp_path):
+    """Mano keeps 4 bytes per partition element (its momentum; no per-element index or cache),
+    AdamW 8, on ZeRO 1-3 and with the optimizer offloaded; a client DeepSpeedMano under offload
+    needs "zero_force_ds_cpu_optimizer": false (DeepSpeed's check), then matches the reference."""
+    results = run_distributed(_memory_offload_body, 2, tmp_path, env=ENV, timeout=400)
+    want = reference_params(2, 1, 2)
+    for res in results:
+        for (stage, offload, name), (cls, per_element) in res["bytes"].items():
+            if name == "mano":
+                assert cls == "DeepSpeedMano" and per_element == 4.0, (stage, offload, per_element)
+            else:  # exp_avg, exp_avg_sq (+ a scalar step count per flat partition)
+                assert 8.0 <= per_element < 8.5, (stage, offload, cls, per_element)
+        assert "zero_force_ds_cpu_optimizer" in res["client"][True], res["client"][True]
+        assert max_error(res["client"][False], want) < 2e-6
+
+
 # ----------------------------------------------------------------------------- resharding
 GLOBAL_ROWS = 12  # divisible by MICRO * world size for 1, 2 and 3 ranks
+# (stage, zero_extra): stage 3 with sub_group_size 30 holds several sub-groups per param group
+RESHARD_RUNS = [(1, None), (2, None), (3, {"sub_group_size": 30})]
+
+
+def _schedule(opt):
+    """An LR schedule that changes every step, so a restarted schedule shows."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s))
+
+
+def _run_engine(stage, zero_extra, world_size):
+    import deepspeed
+
+    import mano_dist.deepspeed  # noqa: F401
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    cfg = ds_config(stage, GLOBAL_ROWS // (MICRO * world_size), world_size, zero_extra=zero_extra)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                      lr_scheduler=_schedule)
+    return engine
+
+
+def check_consolidated_file(folder, out):
+    """The offline converter on a stage-3 checkpoint with several sub-groups per param group:
+    every param is mapped to its param group by the saved sub-group lists; the schedule, the
+    counters, the client state and both ranks' RNG states are in the file."""
+    from mano_dist.deepspeed.checkpoint import main
+    from mano_dist.param_groups import classify_parameters
+
+    main([folder, "saved", str(out)])
+    c = torch.load(out, weights_only=False)
+    mano = {n for n, _ in classify_parameters(TinyLM())[0]}
+    assert {n for n, g in c["group_of"].items() if g == 0} == mano and set(c["group_of"].values()) == {0, 1}
+    assert all(("momentum_buffer" in c["state"][n]) == (n in mano) for n in c["params"])
+    assert [g["step"] for g in c["groups"]] == [3, 3] and c["world_size"] == 2
+    assert c["scheduler"]["last_epoch"] == 3 and c["global_steps"] == 3 and sorted(c["rng"]) == [0, 1]
+    assert c["client_state"] == {"sequences_seen": 3 * GLOBAL_ROWS}
 
 
 def _save_body(rank, world_size, ckpt_dir, steps):
+    """Train ``steps`` steps and save_run; return the RNG state each rank saved."""
+    from mano_dist.deepspeed.checkpoint import save_run
+
     _set_env(rank, world_size)
-    for stage in (1, 2, 3):
-        engine = _make_engine(stage, GLOBAL_ROWS // (MICRO * world_size), world_size)
+    out = {}
+    for stage, zero_extra in RESHARD_RUNS:
+        engine = _run_engine(stage, zero_extra, world_size)
+        if stage == 3:
+            parts = engine.optimizer.sub_group_to_group_id
+            assert len(parts) > len(set(parts.values())) and len([g for g in parts.values() if g == 0]) > 1, parts
         _train(engine, rank, world_size, GLOBAL_ROWS // (MICRO * world_size), steps)
-        engine.save_checkpoint(f"{ckpt_dir}/stage{stage}", tag="saved")
-    return True
+        torch.manual_seed(100 + rank)  # a rank-specific RNG state to restore
+        save_run(engine, f"{ckpt_dir}/stage{stage}", "saved", {"sequences_seen": steps * GLOBAL_ROWS})
+        out[stage] = torch.get_rng_state()
+    return out
 
 
 def _resume_body(rank, world_size, ckpt_dir, first_step, steps):
-    from mano_dist.deepspeed.checkpoint import load_resharded
+    """Per config: an uninterrupted run of first_step + steps at this world size, and a run
+    resumed (load_run) from the checkpoint saved at another world size."""
+    import warnings
+
+    from mano_dist.deepspeed.checkpoint import load_run
 
     _set_env(rank, world_size)
     accum = GLOBAL_ROWS // (MICRO * world_size)
     out = {}
-    for stage in (1, 2, 3):
-        engine = _make_engine(stage, accum, world_size)
-        load_resharded(engine, f"{ckpt_dir}/stage{stage}", "saved")
-        counters = [g["step"] for g in engine.basic_optimizer.param_groups]
+    for stage, zero_extra in RESHARD_RUNS:
+        straight = _run_engine(stage, zero_extra, world_size)
+        _train(straight, rank, world_size, accum, first_step + steps)
+        engine = _run_engine(stage, zero_extra, world_size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path, client = load_run(engine, f"{ckpt_dir}/stage{stage}", None)
+        rng_after_load = torch.get_rng_state()
+        resumed_state = (engine.lr_scheduler.get_last_lr(), [g["step"] for g in engine.basic_optimizer.param_groups],
+                         engine.global_steps, client, [str(w.message) for w in caught if "RNG" in str(w.message)])
         _train(engine, rank, world_size, accum, steps, first_step=first_step)
-        out[stage] = (_full_params(engine, stage), counters)
+        out[stage] = {
+            "error": max_error(_full_params(engine, stage), _full_params(straight, stage)),
+            "lr": (engine.lr_scheduler.get_last_lr(), straight.lr_scheduler.get_last_lr()),
+            "resumed": resumed_state, "rng": rng_after_load,
+        }
     return out
 
 
-def test_resume_at_other_world_sizes(tmp_path):
-    """Save at 2 ranks after 3 steps; resume at 1 and 3 ranks for 2 more; compare with the
-    uninterrupted single-process reference (3 steps then 2: the rotation must continue)."""
+@pytest.mark.slow
+def test_resume_whole_run_at_other_world_sizes(tmp_path):
+    """Save at 2 ranks after 3 steps (stages 1, 2, and 3 with several sub-groups per param group);
+    resume at 1 and 3 ranks through the converter (load_run); 2 more steps equal an uninterrupted
+    run at the new world size: params, optimizer state, rotation phase, LR schedule, engine step,
+    data position (client state) and each saved rank's RNG state all came back."""
     ckpt = str(tmp_path / "ckpt")
-    run_distributed(_save_body, 2, tmp_path, ckpt, 3, env=ENV, timeout=300)
-    want = reference_params(1, GLOBAL_ROWS // MICRO, 5)
+    saved_rng = run_distributed(_save_body, 2, tmp_path, ckpt, 3, env=ENV, timeout=300)
+    check_consolidated_file(f"{ckpt}/stage3", tmp_path / "out.pt")
+    want_lr = [0.02 / (1 + 0.5 * 3)] * 2
     for world_size in (1, 3):
-        results = run_distributed(_resume_body, world_size, tmp_path, ckpt, 3, 2, env=ENV, timeout=300)
+        results = run_distributed(_resume_body, world_size, tmp_path, ckpt, 3, 2, env=ENV, timeout=400)
         for rank, res in enumerate(results):
-            for stage, (got, counters) in res.items():
-                assert counters == [3, 3], (world_size, stage, counters)
-                err = max_error(got, want)
-                assert err < 2e-6, (world_size, rank, stage, err)
+            for stage, r in res.items():
+                lr, counters, global_steps, client, rng_warnings = r["resumed"]
+                assert lr == pytest.approx(want_lr) and counters == [3, 3] and global_steps == 3, (stage, r["resumed"])
+                assert client == {"sequences_seen": 3 * GLOBAL_ROWS}, client
+                if rank < 2:
+                    assert torch.equal(r["rng"], saved_rng[rank][stage]) and not rng_warnings, (rank, stage)
+                else:
+                    assert "no RNG state for rank 2" in rng_warnings[0], rng_warnings
+                assert r["lr"][0] == pytest.approx(r["lr"][1]), (stage, r["lr"])
+                # the first 3 steps ran at 2 ranks: only the reduction order differs
+                assert r["error"] < 2e-6, (world_size, rank, stage, r["error"])
+
+
+# ----------------------------------------------------------------------------- universal checkpoints
+def _universal_body(rank, world_size, ckpt_dir):
+    """load_universal with Mano: the error, alike on every rank, before anything is loaded."""
+    _set_env(rank, world_size)
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    engine = _make_engine(2, 1, world_size)
+    _train(engine, rank, world_size, 1, 1)
+    # what ds_to_universal needs from a client (Megatron-DeepSpeed writes it)
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(ckpt_dir, tag="saved", client_state=info)
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    cfg = dict(ds_config(2, 1, world_size), checkpoint={"load_universal": True})
+    cfg_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    before = _full_params(cfg_engine, 2)
+    try:
+        cfg_engine.load_checkpoint(ckpt_dir, tag="saved")
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return error, max_error(_full_params(cfg_engine, 2), before)
+
+
+@pytest.mark.slow
+def test_universal_checkpoint_is_refused_with_the_converter_named(tmp_path):
+    """DeepSpeed 0.19.8's ds_to_universal cannot carry Mano's momentum (it reads Adam's exp_avg and
+    fails on a Mano checkpoint); loading with load_universal fails with an error naming our
+    converter, on every rank, and changes nothing."""
+    import subprocess
+    import sys
+
+    ckpt = str(tmp_path / "ckpt")
+    for error, change in run_distributed(_universal_body, 2, tmp_path, ckpt, env=ENV, timeout=300):
+        assert error and "python -m mano_dist.deepspeed.checkpoint" in error and "load_universal" in error, error
+        assert change == 0.0
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           f"{ckpt}/saved", "--output_folder", str(tmp_path / "universal")],
+                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
+    assert proc.returncode != 0 and "KeyError: 'exp_avg'" in proc.stderr, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- single process
-@pytest.mark.parametrize("shape,start,numel", [
-    ((5, 7), 3, 20), ((5, 7), 0, 35), ((5, 7), 7, 14), ((5, 7), 10, 2), ((5, 7), 0, 0),
-    ((4, 3), 2, 1), ((6, 5), 4, 23), ((3, 1), 1, 2),
-])
+FRAGMENTS = [((5, 7), 3, 20), ((5, 7), 0, 35), ((5, 7), 7, 14), ((5, 7), 10, 2), ((5, 7), 0, 0),
+             ((4, 3), 2, 1), ((6, 5), 4, 23), ((3, 1), 1, 2)]
+
+
+@pytest.mark.parametrize("shape,start,numel", FRAGMENTS)
 def test_fragment_layout_sums_equal_dense(shape, start, numel):
     """Partial slice sums and broadcasts of a row-major fragment equal the dense matrix's, with
-    the rest of the matrix zero (partial head/tail rows, whole rows, empty fragments)."""
+    the rest of the matrix zero (partial head/tail rows, whole rows, empty fragments); its
+    blocks are views of the fragment that tile it in order."""
     from mano_dist.deepspeed.fragments import FlatFragmentLayout
 
     m, n = shape
     lay = FlatFragmentLayout(shape, start, numel)
+    assert 1 <= len(lay.blocks) <= 3
     x, y = torch.randn(numel, dtype=torch.float64), torch.randn(numel, dtype=torch.float64)
+    pos = start
+    for b in lay.blocks:
+        assert b.offset == pos - start and b.row * n + b.col == pos and b.view(x).data_ptr() == x[b.offset:].data_ptr()
+        pos += b.rows * b.cols
+    assert pos == start + numel
     for axis in (0, 1):
         dense = torch.zeros(m * n, dtype=torch.float64)
         dense[start : start + numel] = x * y
         got = lay.dots([(x, y), (y, y)], axis)
         torch.testing.assert_close(got[0], dense.view(m, n).sum(axis))
         v = torch.randn(lay.num_slices(axis), dtype=torch.float64)
-        assert torch.equal(lay.expand(v, axis), v.unsqueeze(axis).expand(m, n).reshape(-1)[start : start + numel])
+        want = v.unsqueeze(axis).expand(m, n).reshape(-1)[start : start + numel]
+        got = torch.cat([(b.view(x) * 0 + b.expand(v, axis)).reshape(-1) for b in lay.blocks])
+        assert torch.equal(got[:numel], want)
     with pytest.raises(ValueError, match="does not fit"):
         FlatFragmentLayout(shape, m * n - 1, 2)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "both"])
+def test_fragment_steps_equal_dense(variant):
+    """A matrix cut into fragments (as ZeRO cuts it over ranks), each stepped on its blocks and
+    the ranks' partial sums added (what the all-reduce does), equals the dense step."""
+    from mano_dist.deepspeed.fragments import FlatFragmentLayout
+    from mano_dist.functional import AnyTrue, SliceSums, mano_matrix_step
+    from mano_dist.layouts import BlockLayout
+
+    torch.manual_seed(0)
+    m, n = 6, 5
+    W, D = torch.randn(m, n, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64)
+    D[2] = 3 * W[2]  # a row where the one-round formula cancels: the exact second round runs
+    hyper = dict(variant=variant, lr=0.1, weight_decay=0.1, eps=1e-8)
+    for axis in (0, 1):
+        want = W.clone()
+        dense = mano_matrix_step(want, D.clone(), BlockLayout((m, n)), axis=axis, **hyper)
+        _drive([dense], lambda reqs: reqs)
+        w_flat, d_flat = W.clone().reshape(-1), D.clone().reshape(-1)
+        cuts = [(0, 4), (4, 0), (4, 13), (17, 13)]  # head/whole/tail pieces and an empty rank
+        steps = [FlatFragmentLayout((m, n), s, k).matrix_step(w_flat[s : s + k], d_flat[s : s + k],
+                                                              axis=axis, **hyper) for s, k in cuts]
+        _drive(steps, lambda reqs: [SliceSums(sum(r.partial for r in reqs), reqs[0].axis)] * len(reqs)
+               if isinstance(reqs[0], SliceSums) else [AnyTrue(torch.stack([r.flag for r in reqs]).any())] * len(reqs))
+        torch.testing.assert_close(w_flat.view(m, n), want, rtol=0, atol=1e-12)
+
+
+def _drive(steps, combine):
+    """Run generators in step; ``combine`` maps a round's requests to their completed replies."""
+    from mano_dist.functional import AnyTrue
+
+    replies = [None] * len(steps)
+    while True:
+        requests = []
+        for s, r in zip(steps, replies):
+            try:
+                requests.append(s.send(r))
+            except StopIteration:
+                pass
+        if not requests:
+            return
+        assert len(requests) == len(steps)
+        done = combine(requests)
+        replies = [bool(d.flag) if isinstance(d, AnyTrue) else d.partial for d in done]
 
 
 def test_plain_mano_refuses_flat_params():

@@ -8,6 +8,7 @@ high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), with glibc
 large blocks at once (``MALLOC_MMAP_THRESHOLD_``) so freed temporaries do not linger. Usage::
 
     python -m mano_dist.bench memory [--model 1.3b] [--layers 2]
+    python -m mano_dist.bench memory --engine deepspeed [--help]   # ZeRO partitions: ds_memory.py
 """
 
 from __future__ import annotations
@@ -83,13 +84,22 @@ def _child(name: str, model: str, layers: int) -> dict:
 
 
 def main(argv=None) -> None:
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--engine", choices=("torch", "deepspeed"), default="torch")
+    known, rest = engine.parse_known_args(argv)
+    if known.engine == "deepspeed":
+        from . import ds_memory
+
+        return ds_memory.main(rest)
     ap = argparse.ArgumentParser(prog="python -m mano_dist.bench memory", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(LLAMA_SHAPES), default="1.3b")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--engine", choices=("torch", "deepspeed"), default="torch",
+                    help="deepspeed: ZeRO partitions, Mano vs AdamW/DeepSpeedCPUAdam (see ds_memory.py)")
+    args = ap.parse_args(rest)
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.layers)))
         return

@@ -8,11 +8,17 @@ optimizer's state dict). DeepSpeed's universal-checkpoint converter hard-codes A
 1. :func:`consolidate` reads every rank's ``*_optim_states.pt`` of a stage 1/2/3 checkpoint and
    rebuilds each parameter's full fp32 weight and full optimizer state (``momentum_buffer`` for
    Mano, ``exp_avg``/``exp_avg_sq``/``step`` for AdamW), plus the param-group options and
-   counters. Only Mano's own state exists: no dummy Adam buffers.
+   counters (the rotation phase), the LR scheduler's state, the engine's step/sample counters,
+   the client state (e.g. the data position) and the per-rank RNG states :func:`save_run` wrote.
+   Only Mano's own state exists: no dummy Adam buffers.
 2. :func:`load_consolidated` writes the pieces this rank holds into a freshly built engine of any
-   world size (and ZeRO stage), using the same fragment metadata the optimizer steps on.
+   world size (and ZeRO stage), using the same fragment metadata the optimizer steps on, and
+   restores the rest; it returns the client state.
 
-``python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt`` runs step 1 offline.
+:func:`save_run` / :func:`load_run` are what a training loop calls: the engine's checkpoint plus
+RNG states, resumed by ``engine.load_checkpoint`` at the saved world size and through the
+converter at any other. ``python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt`` runs
+step 1 offline.
 """
 
 from __future__ import annotations
@@ -21,13 +27,24 @@ import glob
 import os
 import re
 import sys
+import warnings
 
 import torch
 
+from ..checkpoint import rng
 from .optimizer import DeepSpeedMano
 from .zero_metadata import flat_partitions, zero_stage_of
 
 _SCALAR_KEYS = ("step",)
+# What engine.save_checkpoint writes into the model-states file besides the client state.
+_ENGINE_KEYS = frozenset((
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+    "checkpoint_parallel_dimensions", "ds_config", "ds_version",
+))
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+RNG_DIR = "rng"
 
 
 def _load(path):
@@ -56,12 +73,7 @@ def consolidate(checkpoint_dir: str, tag: str) -> dict:
     base = optim[0]["base_optimizer_state"] if stage < 3 else optim[0]["optimizer_state_dict"]
     groups = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
     params, state, group_of = {}, {}, {}
-    if stage == 3 and len(optim[0]["fp32_flat_groups"]) != len(shapes):
-        raise NotImplementedError(
-            f"{len(optim[0]['fp32_flat_groups'])} stage-3 sub-groups for {len(shapes)} param groups: "
-            "consolidating checkpoints saved with several sub-groups per group (sub_group_size "
-            "smaller than a group) is not supported"
-        )
+    group_of_flat = _group_of_flat(stage, base, len(shapes))
     for i, names in enumerate(shapes):
         pieces: dict[str, dict[str, list]] = {name: {} for name in names}
         for rank_sd in optim:
@@ -88,7 +100,7 @@ def consolidate(checkpoint_dir: str, tag: str) -> dict:
                         slot[key] = value
                     else:
                         slot.setdefault(key, []).append(value[start : start + numel])
-        group_index = i  # stage 3: assumes one sub-group per param group (sub_group_size > model)
+        group_index = group_of_flat[i]
         for name, shape in names.items():
             numel = torch.Size(shape).numel()
             held = sum(t.numel() for t in pieces[name]["fp32"])
@@ -101,12 +113,36 @@ def consolidate(checkpoint_dir: str, tag: str) -> dict:
             params[name] = full.pop("fp32")
             state[name] = full
             group_of[name] = group_index
-    return {"params": params, "state": state, "groups": groups, "group_of": group_of,
-            "global_steps": model_states.get("global_steps", 0), "zero_stage": stage}
+    return {"params": params, "state": state, "groups": groups, "group_of": group_of, "zero_stage": stage,
+            "world_size": len(optim_files), "scheduler": model_states.get("lr_scheduler"),
+            **{k: model_states.get(k, 0) for k in _COUNTERS},
+            "client_state": {k: v for k, v in model_states.items() if k not in _ENGINE_KEYS},
+            "rng": {int(re.search(r"rank-(\d+)", f).group(1)): _load(f)
+                    for f in glob.glob(os.path.join(folder, RNG_DIR, "rank-*.pt"))}}
 
 
-def load_consolidated(engine, consolidated: dict) -> None:
-    """Write a consolidated checkpoint into ``engine`` (any world size, stage 1-3, Mano)."""
+def _group_of_flat(stage: int, base_state: dict, num_flats: int) -> list[int]:
+    """The param group of each saved flat partition.
+
+    Stages 1/2 save one flat partition per param group. Stage 3 saves one per *sub-group*
+    (``sub_group_size`` elements; DeepSpeed's default of 1e9 gives a 1.3B model several per group)
+    and its base optimizer's param groups list their sub-groups' indices as ``"params"``.
+    """
+    if stage < 3:
+        if num_flats != len(base_state["param_groups"]):
+            raise ValueError(f"{num_flats} flat partitions for {len(base_state['param_groups'])} param groups")
+        return list(range(num_flats))
+    mapping = {int(s): g for g, group in enumerate(base_state["param_groups"]) for s in group["params"]}
+    if sorted(mapping) != list(range(num_flats)):
+        raise ValueError(
+            f"stage-3 checkpoint: param groups list sub-groups {sorted(mapping)}, the files hold {num_flats}"
+        )
+    return [mapping[s] for s in range(num_flats)]
+
+
+def load_consolidated(engine, consolidated: dict) -> dict:
+    """Write a consolidated checkpoint into ``engine`` (any world size, stage 1-3, Mano) and
+    restore the run's scheduler, counters and RNG; returns the client state."""
     optimizer = engine.basic_optimizer
     if not isinstance(optimizer, DeepSpeedMano):
         raise TypeError("load_consolidated needs an engine built with Mano (DeepSpeedMano)")
@@ -138,7 +174,24 @@ def load_consolidated(engine, consolidated: dict) -> None:
                     else:
                         flat_state[key][cut].copy_(value.reshape(-1)[src])
         _refresh_model_params(engine, zopt, consolidated["params"], names)
-    engine.global_steps = consolidated["global_steps"]
+    return _restore_run_state(engine, consolidated)
+
+
+def _restore_run_state(engine, consolidated: dict) -> dict:
+    """Scheduler, engine counters and this rank's RNG states; returns the client state."""
+    import torch.distributed as dist
+
+    if consolidated.get("scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(consolidated["scheduler"])
+    for key in _COUNTERS:
+        setattr(engine, key, consolidated.get(key, 0))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank in consolidated.get("rng", {}):
+        rng.restore(consolidated["rng"][rank])
+    else:
+        warnings.warn(f"the checkpoint has no RNG state for rank {rank} (saved at world size "
+                      f"{consolidated.get('world_size')}); RNG states were left as they are", stacklevel=3)
+    return consolidated.get("client_state", {})
 
 
 def _refresh_model_params(engine, zopt, full_params, names) -> None:
@@ -158,9 +211,53 @@ def _refresh_model_params(engine, zopt, full_params, names) -> None:
             p.data.copy_(full.view_as(p))
 
 
-def load_resharded(engine, checkpoint_dir: str, tag: str) -> None:
-    """``engine.load_checkpoint`` for a checkpoint saved at another world size (Mano, stage 1-3)."""
-    load_consolidated(engine, consolidate(checkpoint_dir, tag))
+def load_resharded(engine, checkpoint_dir: str, tag: str) -> dict:
+    """``engine.load_checkpoint`` for a checkpoint saved at another world size (Mano, stage 1-3):
+    params, optimizer state, LR scheduler, counters, RNG; returns the client state."""
+    return load_consolidated(engine, consolidate(checkpoint_dir, tag))
+
+
+def save_run(engine, checkpoint_dir: str, tag: str, client_state: dict | None = None) -> None:
+    """``engine.save_checkpoint`` plus this rank's RNG states (DeepSpeed saves none)."""
+    import torch.distributed as dist
+
+    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state or {})
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    folder = os.path.join(checkpoint_dir, tag, RNG_DIR)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(rng.capture(), os.path.join(folder, f"rank-{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, dict] | None:
+    """Resume a run saved by :func:`save_run` at any data-parallel world size.
+
+    Returns ``(path, client_state)``, or None when ``tag`` is None and there is no ``latest``.
+    The saved world size is read from the file names, alike on every rank, so all ranks take
+    the same path: ``engine.load_checkpoint`` when it equals this one (bit-exact) or the
+    checkpoint is not partitioned (stage 0), else the converter (:func:`load_resharded`).
+    """
+    import torch.distributed as dist
+
+    if tag is None:
+        latest = os.path.join(checkpoint_dir, "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+    folder = os.path.join(checkpoint_dir, tag)
+    saved = len(_rank_files(folder, "zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if saved in (0, engine.dp_world_size):  # 0: ZeRO stage 0, the whole state in one file
+        path, client = engine.load_checkpoint(checkpoint_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {folder}")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng_file = os.path.join(folder, RNG_DIR, f"rank-{rank}.pt")
+        if os.path.isfile(rng_file):
+            rng.restore(_load(rng_file))
+        return path, {k: v for k, v in client.items() if k not in _ENGINE_KEYS}
+    return folder, load_resharded(engine, checkpoint_dir, tag)
 
 
 def main(argv=None) -> None:

@@ -2,10 +2,16 @@
 
 DeepSpeed ZeRO flattens parameters and cuts the flat buffer anywhere, so a rank holds elements
 ``[start, start + numel)`` of a (m, n) matrix as a 1-D view: rows may be split at either end.
-The Mano step (``functional.py``) only needs per-column (axis 0) or per-row (axis 1) sums, so a
-fragment contributes its partial sums at slice index ``i % n`` or ``i // n``; the vectors always
-have the full slice length, so the reduction buffer is laid out alike on every rank (zeros where
-this rank holds nothing) and one all-reduce over the data-parallel group completes them.
+Such a run is at most three rectangular blocks of the matrix: a partial head row, a block of
+whole rows and a partial tail row. Each block is a 2-D *view* of the 1-D fragment and steps
+like a dense matrix (its per-slice vectors broadcast as views); the blocks of one matrix run
+the same step generator in unison and add their partial sums before the one all-reduce. So
+nothing is kept per element (an index tensor per axis cost 16 B per element, 4x the momentum),
+and the step allocates no temporaries the dense path does not.
+
+The per-slice vectors always have the full slice length, so the reduction buffer is laid out
+alike on every rank (zeros where this rank holds nothing) and one all-reduce over the
+data-parallel group completes them.
 """
 
 from __future__ import annotations
@@ -15,18 +21,92 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..functional import AnyTrue, MatrixStep, SliceSums, mano_matrix_step
 from ..layouts import ReduceGroup, block_dots
 
 
-@dataclass
+@dataclass(frozen=True)
+class MatrixBlock:
+    """Rows ``[row, row + rows)`` x columns ``[col, col + cols)`` of a (m, n) matrix, stored
+    row-major at ``offset`` in a fragment: a layout whose per-slice vectors have full length."""
+
+    global_shape: tuple[int, int]
+    offset: int
+    row: int
+    col: int
+    rows: int
+    cols: int
+    groups: tuple[ReduceGroup, ...] = ()
+
+    def view(self, fragment: Tensor) -> Tensor:
+        """This block of a 1-D fragment tensor, as a 2-D view (no copy)."""
+        return fragment[self.offset : self.offset + self.rows * self.cols].view(self.rows, self.cols)
+
+    def _span(self, axis: int) -> slice:
+        return slice(self.col, self.col + self.cols) if axis == 0 else slice(self.row, self.row + self.rows)
+
+    def dots(self, pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
+        """Partial per-slice sums of x*y for each pair: shape (len(pairs), full slice count)."""
+        x0 = pairs[0][0]
+        sums = block_dots(pairs, axis)
+        if sums.shape[1] == self.global_shape[1 - axis]:
+            return sums
+        out = torch.zeros(len(pairs), self.global_shape[1 - axis], dtype=sums.dtype, device=x0.device)
+        out[:, self._span(axis)] = sums
+        return out
+
+    def dot(self, x: Tensor, y: Tensor, axis: int) -> Tensor:
+        return self.dots([(x, y)], axis)[0]
+
+    def expand(self, v: Tensor, axis: int) -> Tensor:
+        """The block's part of a full-length per-slice vector, broadcastable against the block."""
+        return v[self._span(axis)].unsqueeze(axis)
+
+    def reduce_groups(self, axis: int) -> tuple[ReduceGroup, ...]:
+        return self.groups
+
+    def axis_is_local(self, axis: int) -> bool:
+        return not self.groups
+
+
+def fragment_blocks(global_shape: tuple[int, int], start: int, numel: int,
+                    groups: tuple[ReduceGroup, ...] = ()) -> tuple[MatrixBlock, ...]:
+    """Elements ``[start, start + numel)`` of a row-major (m, n) matrix as at most three blocks:
+    a partial head row, the whole rows, a partial tail row (one empty block if numel is 0)."""
+    n = global_shape[1]
+    pos, end, out = start, start + numel, []
+
+    def add(rows: int, cols: int) -> None:
+        out.append(MatrixBlock(global_shape, pos - start, pos // n, pos % n, rows, cols, groups))
+
+    if pos % n and pos < end:
+        length = min(n - pos % n, end - pos)
+        add(1, length)
+        pos += length
+    rows = (end - pos) // n
+    if rows:
+        add(rows, n)
+        pos += rows * n
+    if pos < end:
+        add(1, end - pos)
+        pos = end
+    if not out:
+        add(0, n)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class FlatFragmentLayout:
-    """Elements ``[start, start + numel)`` of a row-major (m, n) matrix, held as a 1-D view."""
+    """Elements ``[start, start + numel)`` of a row-major (m, n) matrix, held as a 1-D view.
+
+    Holds only its (at most three) blocks: no per-element memory.
+    """
 
     global_shape: tuple[int, int]
     start: int
     numel: int
     groups: tuple[ReduceGroup, ...] = ()
-    _index_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    blocks: tuple[MatrixBlock, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         m, n = self.global_shape
@@ -34,74 +114,51 @@ class FlatFragmentLayout:
             raise ValueError(
                 f"fragment [{self.start}, {self.start + self.numel}) does not fit a {m}x{n} matrix"
             )
-
-    def slice_index(self, axis: int, device: torch.device) -> Tensor:
-        """For each element of the fragment, the slice it belongs to (column for 0, row for 1)."""
-        key = (axis, device)
-        if key not in self._index_cache:
-            n = self.global_shape[1]
-            i = torch.arange(self.start, self.start + self.numel, device=device)
-            self._index_cache[key] = i % n if axis == 0 else torch.div(i, n, rounding_mode="floor")
-        return self._index_cache[key]
+        object.__setattr__(self, "blocks", fragment_blocks(self.global_shape, self.start, self.numel, self.groups))
 
     def num_slices(self, axis: int) -> int:
         return self.global_shape[1 - axis]
 
-    def pieces(self) -> list[tuple[int, int, int, int]]:
-        """The fragment as (offset in fragment, first row, first column, length) runs: a partial
-        head row, a block of whole rows (length = rows * n, column 0), a partial tail row."""
-        if "pieces" not in self._index_cache:
-            n = self.global_shape[1]
-            pos, end, out = self.start, self.start + self.numel, []
-            if pos % n and pos < end:
-                length = min(n - pos % n, end - pos)
-                out.append((0, pos // n, pos % n, length))
-                pos += length
-            rows = (end - pos) // n
-            if rows:
-                out.append((pos - self.start, pos // n, 0, rows * n))
-                pos += rows * n
-            if pos < end:
-                out.append((pos - self.start, pos // n, 0, end - pos))
-            self._index_cache["pieces"] = out
-        return self._index_cache["pieces"]
-
     def dots(self, pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
-        """Partial per-slice sums of x*y for each pair: shape (len(pairs), full slice count).
-
-        Whole rows are summed as a 2-D block (the dense path's cache-blocked sums); only the
-        partial rows at either end are added element by element (``index_add_`` over the whole
-        fragment measured 2-15x slower on CPU).
-        """
-        x0 = pairs[0][0]
-        n = self.global_shape[1]
-        out = torch.zeros(len(pairs), self.num_slices(axis), dtype=x0.dtype, device=x0.device)
-        for offset, row, col, length in self.pieces():
-            cut = slice(offset, offset + length)
-            if col == 0 and length % n == 0:
-                rows = length // n
-                sums = block_dots([(x[cut].view(rows, n), y[cut].view(rows, n)) for x, y in pairs], axis)
-                if axis == 1:
-                    out[:, row : row + rows] += sums
-                else:
-                    out += sums
-            else:
-                products = torch.stack([x[cut] * y[cut] for x, y in pairs])
-                if axis == 1:
-                    out[:, row] += products.sum(dim=1)
-                else:
-                    out[:, col : col + length] += products
-        return out
-
-    def dot(self, x: Tensor, y: Tensor, axis: int) -> Tensor:
-        return self.dots([(x, y)], axis)[0]
-
-    def expand(self, v: Tensor, axis: int) -> Tensor:
-        """A per-slice vector gathered back to the fragment's elements."""
-        return v[self.slice_index(axis, v.device)]
+        """Partial per-slice sums of x*y over the 1-D fragments ``pairs``: (len(pairs), slices)."""
+        return sum(b.dots([(b.view(x), b.view(y)) for x, y in pairs], axis) for b in self.blocks)
 
     def reduce_groups(self, axis: int) -> tuple[ReduceGroup, ...]:
         return self.groups
 
     def axis_is_local(self, axis: int) -> bool:
         return not self.groups
+
+    def matrix_step(self, weight: Tensor, direction: Tensor, **hyper) -> MatrixStep:
+        """:func:`mano_matrix_step` on the 1-D fragment: each block steps as a dense matrix, all
+        blocks in unison (one request per round for the whole fragment)."""
+        steps = [mano_matrix_step(b.view(weight), b.view(direction), b, **hyper) for b in self.blocks]
+        return steps[0] if len(steps) == 1 else in_unison(steps)
+
+
+def in_unison(steps: list[MatrixStep]) -> MatrixStep:
+    """Several step generators of one matrix's blocks as one generator.
+
+    The blocks yield the same sequence of requests (their flags come from the same complete
+    sums), so each round their partial slice sums are added into one request and the complete
+    sums (or the flag's answer) are sent back to every block.
+    """
+    reply = None
+    while True:
+        requests = []
+        for step in steps:
+            try:
+                requests.append(step.send(reply))
+            except StopIteration:
+                pass
+        if not requests:
+            return
+        if len(requests) != len(steps):
+            raise RuntimeError("the blocks of one matrix diverged in their step requests")
+        first = requests[0]
+        if isinstance(first, SliceSums):
+            reply = yield SliceSums(sum(r.partial for r in requests), first.axis)
+        elif isinstance(first, AnyTrue):
+            reply = yield AnyTrue(torch.stack([r.flag.reshape(()) for r in requests]).any())
+        else:  # pragma: no cover - functional.py yields only these two
+            raise TypeError(f"unknown step request {first!r}")

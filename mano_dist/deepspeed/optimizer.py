@@ -89,6 +89,11 @@ class DeepSpeedMano(Mano):
                 out.append((flat[cut], flat.grad[cut], momentum[cut], lay))
         return out
 
+    def _matrix_step(self, weight, direction, layout, **hyper):
+        if self.zero_stage == 0:
+            return super()._matrix_step(weight, direction, layout, **hyper)
+        return layout.matrix_step(weight, direction, **hyper)
+
     def _shares_params_across_ranks(self, named) -> bool:
         return self.zero_stage >= 1 and dist.get_world_size(self.process_group) > 1
 

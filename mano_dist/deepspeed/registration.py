@@ -6,7 +6,11 @@
 - ``DeepSpeedEngine._configure_optimizer`` attaches the optimizer to ZeRO's flat partitions
   afterwards, and refuses a plain :class:`mano_dist.Mano` under ZeRO >= 1 (it would see flat
   1-D partitions with no layout);
-- DeepSpeedMano is listed as a ZeRO-supported optimizer (no ``zero_allow_untested_optimizer``).
+- DeepSpeedMano is listed as a ZeRO-supported optimizer (no ``zero_allow_untested_optimizer``);
+- ``DeepSpeedEngine.load_checkpoint`` refuses a universal checkpoint
+  (``"checkpoint": {"load_universal": true}``) for Mano's optimizer state, before reading anything:
+  DeepSpeed 0.19.8's ``ds_to_universal`` converts only Adam's ``exp_avg``/``exp_avg_sq``, so
+  Mano's momentum and rotation phase cannot travel through it (see :data:`UNIVERSAL_ERROR`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from .optimizer import DeepSpeedMano
 
 CONFIG_NAME = "Mano"
 _PATCHED = "_mano_dist_patched"
+UNIVERSAL_ERROR = (
+    'A DeepSpeed universal checkpoint ("checkpoint": {"load_universal": true}) cannot carry Mano\'s '
+    "optimizer state: DeepSpeed 0.19.8's ds_to_universal converts only Adam's exp_avg/exp_avg_sq, "
+    "so the momentum and the row/column rotation phase would be lost. To resume at another world size, "
+    "load the ordinary ZeRO checkpoint with mano_dist.deepspeed.checkpoint.load_run / load_resharded, "
+    "or consolidate it offline with `python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt` "
+    "(load_universal off). Loading weights only (load_module_only=True or load_optimizer_states=False) works."
+)
 
 
 def register() -> None:
@@ -33,6 +45,7 @@ def register() -> None:
         return
     original_basic = DeepSpeedEngine._configure_basic_optimizer
     original_configure = DeepSpeedEngine._configure_optimizer
+    original_load = DeepSpeedEngine.load_checkpoint
 
     def _configure_basic_optimizer(self, model_parameters):
         if self.optimizer_name() == CONFIG_NAME:
@@ -60,8 +73,18 @@ def register() -> None:
         if isinstance(self.basic_optimizer, DeepSpeedMano):
             self.basic_optimizer.attach(self)
 
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        # Decided from the config alone, so every rank raises alike before any collective.
+        if (isinstance(getattr(self, "basic_optimizer", None), DeepSpeedMano) and self.load_universal_checkpoint()
+                and load_optimizer_states and not load_module_only):
+            raise ValueError(UNIVERSAL_ERROR)
+        return original_load(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                             load_lr_scheduler_states, load_module_only, custom_load_fn)
+
     DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
     DeepSpeedEngine._configure_optimizer = _configure_optimizer
+    DeepSpeedEngine.load_checkpoint = load_checkpoint
     setattr(DeepSpeedEngine, _PATCHED, True)
 
 
