@@ -11,8 +11,6 @@ from launch.data import DataError, load_tokens, prepare
 
 
 def test_llama32k_tokenizes_a_user_text_file_and_caches_it(tmp_path):
-    pytest.importorskip("sentencepiece")
-    pytest.importorskip("mistral_common")
     text = tmp_path / "speech.txt"
     text.write_text("We the People of the United States, in Order to form a more perfect Union.\n" * 50)
     cfg = DataConfig(source=str(text), tokenizer="llama32k", cache_dir=str(tmp_path / "cache"))
@@ -29,8 +27,6 @@ def test_llama32k_tokenizes_a_user_text_file_and_caches_it(tmp_path):
 
 
 def test_tokenizer_larger_than_model_vocabulary_is_refused(tmp_path):
-    pytest.importorskip("sentencepiece")
-    pytest.importorskip("mistral_common")
     text = tmp_path / "a.txt"
     text.write_text("hello")
     with pytest.raises(DataError, match="model.vocab_size >= 32000"):
