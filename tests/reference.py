@@ -111,3 +111,12 @@ def step_and_check_mano_matrices(optimizer, rtol=1e-5, atol=1e-7):
                                        nesterov=g["nesterov"], weight_decay=g["weight_decay"],
                                        eps=g["eps"], variant=g["variant"])
         torch.testing.assert_close(p.detach().double(), W_ref, rtol=rtol, atol=atol)
+
+
+def assert_mano_update(before, after, *, lr, weight_decay, axis, rtol=1e-3):
+    """``after`` is one Mano step from ``before``: W (1 - lr wd) - lr 0.2 sqrt(n_axis) U, where U
+    has unit-norm slices along ``axis`` (v1/v2). Needs no gradients: two checkpoints suffice."""
+    step = before.double() * (1 - lr * weight_decay) - after.double()
+    norms = step.pow(2).sum(dim=axis).sqrt()
+    expected = torch.full_like(norms, lr * 0.2 * math.sqrt(before.shape[axis]))
+    torch.testing.assert_close(norms, expected, rtol=rtol, atol=0)
