@@ -302,3 +302,16 @@ def test_a_broken_command_fails(words, message, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises((AssertionError, pytest.fail.Exception), match=message):
         check(words)
+
+
+def test_relative_links_stay_inside_the_repository_and_exist():
+    """A link to a file outside the repository (or to a missing one) breaks on every clone."""
+    bad = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor in the same page
+            path = (doc.parent / target.split("#")[0]).resolve()
+            if ROOT not in path.parents or not path.exists():
+                bad.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not bad, bad
