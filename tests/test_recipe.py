@@ -55,10 +55,12 @@ def assert_same_run(a, b):
 
 def assert_last_step_moved_mano_matrices(out_dir):
     """Step 10 moved every hidden matrix as Mano does (the AdamW fallback alone also lowers the
-    loss): from the step-9 and step-10 checkpoints, at the logged lr, along axis 9 % 2 = 1."""
+    loss): from the step-9 and step-10 checkpoints, at the logged lr (Momo: min(lr, its
+    Polyak step)), along axis 9 % 2 = 1."""
     from reference import assert_mano_update
 
-    lr = json.loads((Path(out_dir) / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+    last = json.loads((Path(out_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    lr = min(last["lr"], last.get("momo_polyak_step", last["lr"]))  # Momo-Mano: Mano's step at its tau
     p9, p10 = final_params(out_dir, 9), final_params(out_dir, 10)
     p9, p10 = p9.get("model", p9), p10.get("model", p10)
     matrices = [k for k in p10 if any(m in k for m in ("attention.w", "feed_forward.w"))]
@@ -163,6 +165,7 @@ def test_baseline_optimizers_train_under_fsdp2(tmp_path, name):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     if name.startswith("momo"):  # Momo's own step size is logged (the step taken is min(lr, it))
         assert all(r["momo_polyak_step"] > 0 for r in recs), recs
+        assert_last_step_moved_mano_matrices(tmp_path)
     else:
         assert all("momo_polyak_step" not in r for r in recs)
 
