@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ConfigError, load_config
-from .data import DataError, WindowSampler, load_tokens, prepare, split, validation_batches
+from .data import DataError, open_dataset
 from .engines import DeepSpeedEngine, FSDPEngine
 from .model import Llama, count_parameters
 from .parallel import all_reduce_sum, build_mesh, data_parallel_rank, setup_distributed, shard_model
@@ -41,11 +41,15 @@ def parse_args(argv=None):
     ap.add_argument("--engine", choices=("fsdp2", "deepspeed"), default=None, help="= --set parallel.engine=...")
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (= --set parallel.ds_config=...)")
     ap.add_argument("--data", default=None, metavar="FILES",
-                    help="your own .txt/.jsonl files or globs, comma-separated (= --set data.source=...)")
+                    help="a few .txt/.jsonl(.gz)/.parquet files or globs, comma-separated (= --set data.source=...)")
+    ap.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="a folder made by python -m launch.prepare (= --set data.prepared=...)")
     ap.add_argument("--check", action="store_true", help="validate the arguments and config, then exit without training")
     args = ap.parse_args(argv)
     if args.data:
         args.overrides.append(f"data.source={args.data}")
+    if args.data_dir:
+        args.overrides.append(f"data.prepared={args.data_dir}")
     if args.engine:
         args.overrides.append(f"parallel.engine={args.engine}")
     if args.ds_config:
@@ -105,25 +109,13 @@ def main(argv=None) -> int:
     out = Path(t.out_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # Data: rank 0 prepares (tokenizer + memory map) once; the others wait, then map it.
-    error = None
-    if rank == 0:
-        try:
-            prepare(cfg.data, m.vocab_size)
-        except (DataError, OSError) as e:
-            error = str(e)
-    errors = [error]
-    if dist.is_initialized():
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-    if any(errors):
-        log(f"error: {next(e for e in errors if e)}", file=sys.stderr)
+    try:  # a prepared folder is mapped by every rank; a small source is tokenized by rank 0 first
+        data = open_dataset(cfg.data, m.vocab_size, t, rank)
+    except DataError as e:  # raised on every rank alike
+        log(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group() if dist.is_initialized() else None
         return 2
-    tokens_path = prepare(cfg.data, m.vocab_size)
-    splits = split(load_tokens(tokens_path), cfg.data.val_fraction, cfg.data.seq_len, t.global_batch)
-    sampler = WindowSampler(splits.train, cfg.data.seq_len, t.seed)
-    val_windows = validation_batches(splits.val, cfg.data.seq_len, t.eval_sequences)
+    sampler, val_windows = data.sampler, data.val_windows
 
     torch.manual_seed(t.seed)  # same init on every rank, before sharding
     model = Llama(m).to(device)
@@ -144,8 +136,7 @@ def main(argv=None) -> int:
             start, seen, path = info
             log(f"resumed from {path} at step {start}")
     log(f"LLaMA {n_params / 1e6:.2f}M params, {world} rank(s) (dp {dp_size}, tp {tp}) on {device.type}, optimizer {cfg.optim.name}, "
-        f"{t.steps} steps x {t.global_batch} x {cfg.data.seq_len} tokens, data {cfg.data.source}: "
-        f"{len(splits.train):,} train / {len(splits.val):,} val tokens")
+        f"{t.steps} steps x {t.global_batch} x {cfg.data.seq_len} tokens, {data.description}")
 
     out.mkdir(parents=True, exist_ok=True)
     # A fresh run starts a new metrics file; a resumed one appends (re-logged steps win).
