@@ -14,7 +14,8 @@ with ``--check``, which loads and validates the config and arguments and exits; 
 is (it only builds the model on the meta device); ``make`` targets with ``make -n``, then each
 Python command of the recipe like a documented one; ``pytest`` by its paths; any other module or
 console script with its arguments plus ``--help`` (argparse checks option values on the way and
-must answer with its usage). ``[--opt value]`` optional arguments are included.
+must answer with its usage). ``[--opt value]`` optional arguments are included; values the shell
+computes (``$(nproc)``, ``$N``) are taken as 1.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Command:
 def _split(line: str) -> list[list[str]]:
     """Shell words of one line, as separate commands at | && ; (redirections and VAR=value dropped)."""
     line = re.sub(r"\[(--[^\[\]]*)\]", r"\1", line)  # "[--tp 2]" documents an optional argument: check it too
+    line = re.sub(r"\$\([^()]*\)|\$\{?\w+\}?", "1", line)  # a value the shell computes ($(nproc), $N): 1
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     commands, words, skip = [], [], False
