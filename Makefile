@@ -27,7 +27,7 @@ test-fast: $(VENV)/.installed
 
 # Every benchmark figure in docs/benchmarks.md, each a ratio measured within one command;
 # outputs also land in runs/bench/.
-bench: bench-step bench-comm bench-memory bench-ds bench-e2e
+bench: bench-step bench-comm bench-memory bench-ds bench-e2e bench-checkpoint
 
 bench-step: $(VENV)/.installed
 	@mkdir -p runs/bench
@@ -51,7 +51,8 @@ bench-ds: $(VENV)/.installed
 	$(PY) -m mano_dist.bench ds_comm | tee runs/bench/ds_comm.txt
 
 bench-checkpoint: $(VENV)/.installed
-	$(PY) -m mano_dist.bench checkpoint
+	@mkdir -p runs/bench
+	$(PY) -m mano_dist.bench checkpoint | tee runs/bench/checkpoint.txt
 
 # The convergence study (about 30 minutes on 2 idle CPU cores): plots and table in runs/compare/.
 compare: $(VENV)/.installed

@@ -7,10 +7,15 @@ any process group exists.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli (a dependency there)
+    import tomli as tomllib
 
 
 @dataclass
@@ -173,7 +178,9 @@ def validate(cfg: RunConfig) -> None:
                           f"(got {p.ds_config!r})")
     if p.engine == "deepspeed" and p.tp > 1:
         raise ConfigError("parallel.tp > 1 is supported with parallel.engine = fsdp2 only")
-    from mano_dist.baselines import NAMES
+    from mano_dist.baselines import NAMES, missing_requirement
 
     if cfg.optim.name not in NAMES:
         raise ConfigError(f"optim.name must be one of {', '.join(NAMES)}, got {cfg.optim.name!r}")
+    if missing_requirement(cfg.optim.name):
+        raise ConfigError(f"optim.name: {missing_requirement(cfg.optim.name)}")

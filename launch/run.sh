@@ -13,7 +13,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
-RDZV_ID=${RDZV_ID:-mano-${SLURM_JOB_ID:-$USER}}
+RDZV_ID=${RDZV_ID:-mano-${SLURM_JOB_ID:-${USER:-$(id -un)}}}  # USER is unset in some containers (set -u)
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 PYTHON=${PYTHON:-python}
 exec "$PYTHON" -m torch.distributed.run \

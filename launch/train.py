@@ -44,6 +44,7 @@ def parse_args(argv=None):
                     help="a few .txt/.jsonl(.gz)/.parquet files or globs, comma-separated (= --set data.source=...)")
     ap.add_argument("--data-dir", default=None, metavar="DIR",
                     help="a folder made by python -m launch.prepare (= --set data.prepared=...)")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and config, then exit without training")
     args = ap.parse_args(argv)
     if args.data:
         args.overrides.append(f"data.source={args.data}")
@@ -87,6 +88,9 @@ def main(argv=None) -> int:
     except ConfigError as e:  # before any process group: every rank exits cleanly
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.check:  # tests/test_docs_commands.py runs every documented command so
+        print(f"{args.config}: ok")
+        return 0
     if args.out_dir:
         cfg.train.out_dir = args.out_dir
     t, m = cfg.train, cfg.model

@@ -93,3 +93,30 @@ class ReferenceRun:
                     self.W[n], self.m[n], self.v[n], g, self.count[n], lr=h["lr"],
                     betas=h["betas"], eps=h["adamw_eps"], weight_decay=h["weight_decay"])
         self.t += 1
+
+
+def step_and_check_mano_matrices(optimizer, rtol=1e-5, atol=1e-7):
+    """``optimizer.step()``, asserting every Mano matrix (plain tensors) moved as the equations say.
+
+    Catches a no-op or wrong matrix step that a falling loss alone would not: the AdamW fallback
+    on embeddings and head lowers the loss by itself."""
+    before = [(p, g, p.detach().clone(), optimizer.state[p]["momentum_buffer"].clone(), p.grad.clone())
+              for g in optimizer.param_groups if g.get("algorithm", "mano") == "mano"
+              for p in g["params"] if p.grad is not None]
+    steps = [g["step"] for g in optimizer.param_groups]
+    optimizer.step()
+    assert before, "no Mano matrix was stepped"
+    for p, g, W, M, grad in before:
+        W_ref, _ = mano_reference_step(W, M, grad, steps[0], lr=g["lr"], momentum=g["momentum"],
+                                       nesterov=g["nesterov"], weight_decay=g["weight_decay"],
+                                       eps=g["eps"], variant=g["variant"])
+        torch.testing.assert_close(p.detach().double(), W_ref, rtol=rtol, atol=atol)
+
+
+def assert_mano_update(before, after, *, lr, weight_decay, axis, rtol=1e-3):
+    """``after`` is one Mano step from ``before``: W (1 - lr wd) - lr 0.2 sqrt(n_axis) U, where U
+    has unit-norm slices along ``axis`` (v1/v2). Needs no gradients: two checkpoints suffice."""
+    step = before.double() * (1 - lr * weight_decay) - after.double()
+    norms = step.pow(2).sum(dim=axis).sqrt()
+    expected = torch.full_like(norms, lr * 0.2 * math.sqrt(before.shape[axis]))
+    torch.testing.assert_close(norms, expected, rtol=rtol, atol=0)

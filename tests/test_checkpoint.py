@@ -167,7 +167,7 @@ def _resume_body(rank, world_size, sources, folder):
     return out
 
 
-def _assert_continues(result, expected, label, tol=1e-6):
+def _assert_continues(result, expected, label, tol=1e-12):  # float64: the same sums in another order
     assert result["info"]["step"] == SAVE_AT, label
     assert result["loaded"]["group_steps"] == [SAVE_AT, SAVE_AT], (label, result["loaded"]["group_steps"])
     for got, want in zip(result["losses"], expected["losses"][SAVE_AT:]):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("deepspeed")
+import deepspeed  # noqa: E402,F401  (installed by setup: missing must fail, not skip)
 
 from tests.dist import run_distributed  # noqa: E402
 from tests.reference import ReferenceRun  # noqa: E402
@@ -375,7 +375,7 @@ def test_bf16_and_zero_init(tmp_path):
     runs = [(stage, True, False, 3, False) for stage in (0, 1, 2, 3)] + [(3, False, True, 3, False),
                                                                         (1, True, False, 3, True)]
     results = run_distributed(_variants_body, 2, tmp_path, runs, env=ENV, timeout=400)
-    want = reference_params(2, 1, 3)
+    want, init = reference_params(2, 1, 3), reference_params(2, 1, 0)
     mano_names = [n for n, _ in classify_parameters(TinyLM())[0]]
     for got_per_run in results:
         for (stage, bf16, zero_init, _, _), got in zip(runs, got_per_run):
@@ -384,7 +384,14 @@ def test_bf16_and_zero_init(tmp_path):
                 # bf16 keeps ~3 significant digits: Mano matrices (|w| < 0.4) stay within a few
                 # bf16 ulps; AdamW on sparse embedding rows amplifies rounding more.
                 assert max(((got[n] - want[n]).abs().max().item() for n in mano_names)) < 3e-3, stage
-                assert max_error(got, want) < 0.1, stage
+                # AdamW-routed params: AdamW moved each by 0.055-0.07 in 3 steps; bf16 keeps them
+                # within 3% of that move (bound 10%), except the embedding: a rarely seen row's
+                # gradient sign flipped by bf16 rounding changes its Adam step by 2 lr (measured
+                # 62% of the move, bound 75%). A missing AdamW step (error = 100%) fails.
+                for n in (n for n in want if n not in mano_names):
+                    move = (want[n] - init[n]).abs().max().item()
+                    err = (got[n] - want[n]).abs().max().item()
+                    assert err < (0.75 if n == "embed.weight" else 0.1) * move, (stage, n, err, move)
             else:
                 assert max_error(got, want) < 2e-6, (stage, zero_init)
 

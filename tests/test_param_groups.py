@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mano_dist import Mano, classify_parameters, mano_param_groups
+from reference import step_and_check_mano_matrices
 
 
 class TinyLM(nn.Module):
@@ -87,5 +88,5 @@ def test_trains_a_model_end_to_end():
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
-        opt.step()
+        step_and_check_mano_matrices(opt)  # the matrices moved as Mano moves them, every step
     assert loss.item() < 0.5 * first

@@ -53,6 +53,22 @@ def assert_same_run(a, b):
         assert torch.equal(pa[k], pb[k]), k
 
 
+def assert_last_step_moved_mano_matrices(out_dir):
+    """Step 10 moved every hidden matrix as Mano does (the AdamW fallback alone also lowers the
+    loss): from the step-9 and step-10 checkpoints, at the logged lr (Momo: min(lr, its
+    Polyak step)), along axis 9 % 2 = 1."""
+    from reference import assert_mano_update
+
+    last = json.loads((Path(out_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    lr = min(last["lr"], last.get("momo_polyak_step", last["lr"]))  # Momo-Mano: Mano's step at its tau
+    p9, p10 = final_params(out_dir, 9), final_params(out_dir, 10)
+    p9, p10 = p9.get("model", p9), p10.get("model", p10)
+    matrices = [k for k in p10 if any(m in k for m in ("attention.w", "feed_forward.w"))]
+    assert matrices
+    for k in matrices:
+        assert_mano_update(p9[k], p10[k], lr=lr, weight_decay=0.1, axis=1)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """One uninterrupted 2-process run, the reference for the tests below."""
@@ -71,6 +87,7 @@ def test_two_process_run_trains_and_resumes_bit_for_bit_after_kill(tmp_path, str
     steps = losses(out)
     assert sorted(steps) == list(range(1, 11))
     assert steps[10] < steps[1] - 0.5, steps  # stated margin: at least 0.5 nat in 10 steps
+    assert_last_step_moved_mano_matrices(out)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-10", "step-3", "step-6", "step-9"]
 
     # Every rank SIGKILLs itself after step 5 (MANO_TRAIN_CRASH_AT_STEP: a lost node): the
@@ -148,6 +165,7 @@ def test_baseline_optimizers_train_under_fsdp2(tmp_path, name):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     if name.startswith("momo"):  # Momo's own step size is logged (the step taken is min(lr, it))
         assert all(r["momo_polyak_step"] > 0 for r in recs), recs
+        assert_last_step_moved_mano_matrices(tmp_path)
     else:
         assert all("momo_polyak_step" not in r for r in recs)
 
@@ -178,6 +196,14 @@ def test_deepspeed_engine_matches_fsdp2_and_resumes(tmp_path, straight, stage):
     assert resumed.returncode == 0, output
     assert "at step 3" in output, output
     assert losses(cut) == losses(whole)
+    # ...and the same final parameters and Mano state, bit for bit (the losses cannot see the last update)
+    from mano_dist.deepspeed.checkpoint import consolidate
+
+    a, b = (consolidate(str(d / "ds_checkpoints"), "step-10") for d in (whole, cut))
+    assert set(a["params"]) == set(b["params"]) and a["params"]
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+        assert all(torch.equal(v, b["state"][k][key]) for key, v in a["state"][k].items()), k
 
 
 @pytest.mark.parametrize("extra,message", [

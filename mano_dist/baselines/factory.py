@@ -20,18 +20,14 @@ from torch import nn
 from ..optimizer import Mano
 from ..param_groups import mano_param_groups
 from .momo import MomoMixin
-from .muon import MuonAdamW
 from .muonmax import MuonMax
+from .requirements import MUON_NAMES, missing_requirement
 
 NAMES = ("mano", "adamw", "muon", "muonmax", "momo-mano", "momo-muon", "momo-muonmax")
 
 
 class MomoMano(MomoMixin, Mano):
     """Momo step sizes along Mano's direction."""
-
-
-class MomoMuon(MomoMixin, MuonAdamW):
-    """Momo step sizes along Muon's direction."""
 
 
 class MomoMuonMax(MomoMixin, MuonMax):
@@ -65,7 +61,11 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float = 1e-3, weight_dec
         cls, extra = (Mano, {}) if name == "mano" else (MomoMano, momo)
         return cls(_groups(model, "mano", adamw_lr), lr=lr, momentum=momentum, nesterov=nesterov,
                    weight_decay=weight_decay, variant=variant, adamw_betas=adamw_betas, adamw_eps=adamw_eps, **extra)
-    if name in ("muon", "momo-muon"):
+    if missing_requirement(name):
+        raise ImportError(missing_requirement(name))
+    if name in MUON_NAMES:
+        from .muon import MomoMuon, MuonAdamW  # imported when used: torch.optim.Muon needs torch >= 2.9
+
         cls, extra = (MuonAdamW, {}) if name == "muon" else (MomoMuon, momo)
         return cls(_groups(model, "muon", adamw_lr), lr=lr, weight_decay=weight_decay, momentum=momentum,
                    nesterov=nesterov, adamw_betas=adamw_betas, adamw_eps=adamw_eps, **extra)

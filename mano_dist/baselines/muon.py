@@ -5,6 +5,9 @@ the head and 1-D params; this subclass runs torch's own Muon step on the ``"muon
 Mano's AdamW rule on the ``"adamw"`` groups, so one object serves LR schedulers, checkpoints
 and the recipes. Under FSDP2, torch's Muon lets DTensor gather each matrix for Newton-Schulz
 (the communication the benchmarks compare against). State is created eagerly.
+
+``torch.optim.Muon`` exists from torch 2.9 on; the package imports this module only when a Muon
+optimizer is built, so everything else works on the older torch that ``pyproject.toml`` allows.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import torch
 from torch.optim import Optimizer
 
 from ..functional import adamw_step
+from .momo import MomoMixin
+from .requirements import missing_requirement
 from .state import init_param_state
 from .tensors import local
+
+if missing_requirement("muon"):
+    raise ImportError(f"{missing_requirement('muon')}; Mano, AdamW and MuonMax work without it")
 
 
 class MuonAdamW(torch.optim.Muon):
@@ -69,3 +77,7 @@ class MuonAdamW(torch.optim.Muon):
                            eps=group["adamw_eps"], weight_decay=group["weight_decay"])
             group["step"] += 1
         return loss
+
+
+class MomoMuon(MomoMixin, MuonAdamW):
+    """Momo step sizes along Muon's direction."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import sys
 import warnings
 
 import torch
@@ -261,10 +260,15 @@ def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, 
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3:
-        sys.exit("usage: python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt")
-    torch.save(consolidate(argv[0], argv[1]), argv[2])
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mano_dist.deepspeed.checkpoint",
+                                 description="Consolidate a ZeRO checkpoint (Mano) into one file, for any world size.")
+    ap.add_argument("ckpt_dir", metavar="CKPT_DIR")
+    ap.add_argument("tag", metavar="TAG")
+    ap.add_argument("out", metavar="OUT.pt")
+    args = ap.parse_args(argv)
+    torch.save(consolidate(args.ckpt_dir, args.tag), args.out)
 
 
 if __name__ == "__main__":
