@@ -205,6 +205,12 @@ def test_deepspeed_engine_matches_fsdp2_and_resumes(tmp_path, straight, stage):
     (["--set", "parallel.tp=3"], "parallel.tp 3 must be >= 1 and divide model.n_heads"),
     (["--set", "parallel.engine=deepspeed"], "needs parallel.ds_config"),
     (["--set", "optim.name=sgd"], "optim.name must be one of mano, adamw, muon"),
+    (["--set", "train.micro_batch=3"], "train.micro_batch 3 does not divide the 4 sequences per rank"),
+    (["--set", "train.activation_checkpoint=some"], "train.activation_checkpoint must be one of none, full"),
+    (["--set", "train.mixed_precision=fp8"], "train.mixed_precision must be one of none, bf16"),
+    (["--engine", "deepspeed", "--ds-config", "configs/ds_zero2.json"], "does not divide the 4 sequences per rank"),
+    (["--engine", "deepspeed", "--ds-config", "configs/ds_zero2.json", "--set", "train.global_batch=16",
+      "--set", "optim.name=adamw"], "names optimizer 'Mano' but optim.name = 'adamw'"),
 ])
 def test_bad_input_fails_clearly_without_hanging(tmp_path, extra, message):
     proc = torchrun(tmp_path, "--resume", "none", *extra)
