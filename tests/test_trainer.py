@@ -47,6 +47,7 @@ def _initial_weights(rank, world_size, tp, checkpoint):
     return full if rank == 0 else None
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_lean_init_is_bit_identical_at_every_world_size_and_tp(tmp_path):
     from launch.model import Llama, RMSNorm, build_model, parameter_seed
