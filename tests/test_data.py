@@ -73,8 +73,8 @@ def test_trainer_refuses_a_folder_made_with_another_tokenizer(tmp_path, capsys):
 @pytest.mark.distributed
 @pytest.mark.timeout(900)  # three 2-process runs, each bounded by 300 s below
 def test_two_ranks_on_a_prepared_folder_resume_bit_for_bit_after_kill(tmp_path):
-    """Uninterrupted 10 steps vs killed after step 5 (every rank SIGKILLs itself: still the
-    trainer's MANO_TRAIN_CRASH_AT_STEP hook) and resumed from the step-3 checkpoint."""
+    """Uninterrupted 10 steps vs killed after step 5 (every rank SIGKILLs itself through the
+    test-only tests/train_with_faults.py) and resumed from the step-3 checkpoint."""
     from test_recipe import assert_same_run, torchrun
 
     folder = sotu_folder(tmp_path)
@@ -84,7 +84,7 @@ def test_two_ranks_on_a_prepared_folder_resume_bit_for_bit_after_kill(tmp_path):
     assert straight.returncode == 0, output
     assert f"data {folder}:" in output and "held-out documents" in output
     cut = tmp_path / "cut"
-    killed = torchrun(cut, "--resume", "none", *data, env={"MANO_TRAIN_CRASH_AT_STEP": "5"})
+    killed = torchrun(cut, "--resume", "none", *data, crash=(5,))
     killed.communicate(timeout=300)
     assert killed.returncode != 0
     resumed = torchrun(cut, "--resume", "auto", *data)

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_recipe import losses, torchrun
+from tests.test_recipe import ds_json, losses, torchrun
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed, pytest.mark.slow]
 
-DS = ("--engine", "deepspeed", "--ds-config", "configs/ds_zero2.json")
 ENV = {"DS_ACCELERATOR": "cpu"}
 ONE_RANK = ("--standalone", "--nproc-per-node", "1")
 
 
-def _run(out_dir, *extra, launcher=("--standalone", "--nproc-per-node", "2"), env=ENV, ok=True):
-    proc = torchrun(out_dir, *DS, *extra, launcher=launcher, env=env)
+def _run(out_dir, *extra, launcher=("--standalone", "--nproc-per-node", "2"), ok=True, crash=()):
+    # ZeRO-2 JSON without batch keys: the trainer derives them for 2 ranks and for 1 alike
+    ds = ("--engine", "deepspeed", "--ds-config", str(ds_json(out_dir.parent, 2)))
+    proc = torchrun(out_dir, *ds, *extra, launcher=launcher, env=ENV, crash=crash)
     output = proc.communicate(timeout=600)[0]
     assert (proc.returncode == 0) == ok, output
     return output
@@ -32,7 +33,7 @@ def test_deepspeed_run_resumes_on_fewer_ranks(tmp_path):
     whole = tmp_path / "whole-1rank"
     _run(whole, "--resume", "none", launcher=ONE_RANK)
     cut = tmp_path / "cut"
-    _run(cut, "--resume", "none", env={**ENV, "MANO_TRAIN_CRASH_AT_STEP": "4"}, ok=False)  # saved step 3
+    _run(cut, "--resume", "none", crash=(4,), ok=False)  # saved step 3
     checkpoint = cut / "ds_checkpoints" / "step-3"
     assert checkpoint.is_dir()
     output = _run(cut, "--resume", str(checkpoint), launcher=ONE_RANK)
