@@ -62,7 +62,12 @@ class TrainConfig:
     keep_last: int = 2
     async_checkpoint: bool = False
     out_dir: str = "runs/tiny"
-    autocast_bf16: bool = False  # bf16 autocast (on CUDA; CPU runs stay fp32 unless forced)
+    autocast_bf16: bool = False  # bf16 autocast around the forward (older switch; see mixed_precision)
+    micro_batch: int = 0  # sequences per rank per forward/backward; 0 = the whole per-rank batch at once
+    activation_checkpoint: str = "none"  # none | full (recompute each block in backward)
+    mixed_precision: str = "none"  # none | bf16 (FSDP2: bf16 params in compute, fp32 reduce and master weights)
+    compile: bool = False  # torch.compile each block
+    tensorboard: bool = False  # also write TensorBoard scalars to <out_dir>/tensorboard
 
 
 @dataclass
@@ -148,6 +153,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return cfg
 
 
+ACTIVATION_CHECKPOINT_MODES = ("none", "full")
+MIXED_PRECISION_MODES = ("none", "bf16")
+
+
+def accumulation_steps(cfg: RunConfig, dp_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation steps) per rank: ``global_batch = dp x micro_batch x steps``.
+    Depends on the world size, so it is checked after the launch, but from numbers every rank
+    shares: every rank raises the same error before any collective."""
+    t = cfg.train
+    if t.global_batch % dp_size:
+        raise ConfigError(f"train.global_batch {t.global_batch} is not divisible by the {dp_size} data-parallel ranks")
+    per_rank = t.global_batch // dp_size
+    micro = t.micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch {micro} does not divide the {per_rank} sequences per rank "
+                          f"(train.global_batch {t.global_batch} over {dp_size} data-parallel ranks)")
+    return micro, per_rank // micro
+
+
 def validate(cfg: RunConfig) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     if m.dim % m.n_heads:
@@ -159,6 +183,14 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if t.micro_batch < 0:
+        raise ConfigError(f"train.micro_batch must be >= 0 (0: the whole per-rank batch), got {t.micro_batch}")
+    if t.activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
+        raise ConfigError(f"train.activation_checkpoint must be one of {', '.join(ACTIVATION_CHECKPOINT_MODES)}, "
+                          f"got {t.activation_checkpoint!r}")
+    if t.mixed_precision not in MIXED_PRECISION_MODES:
+        raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION_MODES)}, "
+                          f"got {t.mixed_precision!r}")
     p = cfg.parallel
     if p.tp < 1 or m.n_heads % p.tp or m.ffn_dim % p.tp:
         raise ConfigError(f"parallel.tp {p.tp} must be >= 1 and divide model.n_heads ({m.n_heads}) "

@@ -3,9 +3,17 @@
 Module names follow torchtitan/LLaMA (``tok_embeddings``, ``layers.N.attention.wq``,
 ``feed_forward.w1/w2/w3``, ``norm``, ``output``) so ``mano_param_groups`` routes the embedding and
 the ``output`` head to AdamW by type and name. Builds on the meta device for planning.
+
+``build_model`` is how the trainer (and the dry run) get a model: built on the meta device,
+parallelised, then each rank allocates and initialises only its own shards. Every parameter
+draws from its own generator seeded by (``train.seed``, its name), so the initial weights are the
+same bits at every world size and tensor-parallel degree, and no rank ever holds the full model
+(only one full parameter at a time, while its shard is cut out).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +124,60 @@ class Llama(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without activation-checkpoint / compile wrapper prefixes."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The generator seed of one parameter: the run's seed and a stable hash of its name."""
+    return (seed % 2**31) * 2**32 + zlib.crc32(canonical_name(name).encode())
+
+
+def initial_value(module: nn.Module, name: str, shape, seed: int, init_std: float) -> torch.Tensor:
+    """The full fp32 initial value of one parameter, on the CPU (the same bits on every machine):
+    Normal(0, init_std) for matrices (linear and embedding), ones for norm gains."""
+    if isinstance(module, RMSNorm):
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(parameter_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, init_std, generator=g)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter in place, each rank writing only its local shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            full = initial_value(module, f"{mod_name}.{p_name}", param.shape, seed, model.cfg.init_std)
+            if isinstance(param, DTensor):
+                local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                          src_data_rank=None).to_local()
+                param.to_local().copy_(local)
+            else:
+                param.copy_(full)
+    cos, sin = rope_tables(model.cfg.dim // model.cfg.n_heads, model.cfg.max_seq_len, device=model.rope_cos.device)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+
+
+def build_model(cfg, mesh, device, *, shard: bool = True) -> Llama:
+    """The model the trainer runs: built on meta, ``parallelize``d (TP, activation checkpointing,
+    compile, FSDP2 from ``cfg.train``/``cfg.parallel``), then materialised on ``device`` with
+    each rank initialising only its shards. ``shard=False`` leaves sharding to DeepSpeed."""
+    from .parallel import parallelize
+
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    model = parallelize(model, mesh, cfg, shard=shard)
+    model.to_empty(device=device)
+    init_weights(model, cfg.train.seed)
+    return model

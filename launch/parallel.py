@@ -4,9 +4,11 @@ one place.
 - ``setup_distributed``: CUDA + NCCL when GPUs are visible, else CPU + gloo; under torchrun's
   elastic agent the store is namespaced per restart attempt.
 - ``build_mesh``: a ``(dp,)`` or ``(dp, tp)`` device mesh.
-- ``shard_model``: tensor parallel inside each block (torchtitan's LLaMA plan: colwise wq, wk, wv,
-  w1, w3; rowwise wo, w2), then FSDP2 over ``dp``: each block, the embedding, final norm + head,
-  the root.
+- ``parallelize``: the one function that turns a built model into the one that runs, in
+  torchtitan's order: tensor parallel inside each block (colwise wq, wk, wv, w1, w3; rowwise wo,
+  w2), activation checkpointing per block, ``torch.compile`` per block, then FSDP2 over ``dp``
+  (each block, the embedding, final norm + head, the root) with the bf16 ``MixedPrecisionPolicy``
+  when asked. The trainer and the dry run both call it, so what is estimated is what runs.
 - ``clip_grad_norm``: the global gradient norm over parameters that live on different meshes
   (2-D TP+FSDP blocks, 1-D FSDP embedding), which ``torch.nn.utils.clip_grad_norm_`` cannot mix.
 """
@@ -57,23 +59,63 @@ def build_mesh(device: torch.device, world: int, tp: int):
     return init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def shard_model(model, mesh) -> None:
-    """Tensor parallel per block (when the mesh has a ``tp`` dim), then FSDP2 over ``dp``."""
-    from torch.distributed.fsdp import fully_shard
+def parallelize(model, mesh, cfg, *, shard: bool = True):
+    """TP, then activation checkpointing, then compile, then FSDP2, from the run config.
 
+    ``mesh`` None (one process) or ``shard=False`` (DeepSpeed shards the model itself) skips
+    TP and FSDP2. Checkpointing and compile wrap each block in place of the block; the
+    wrappers' name prefixes (``_checkpoint_wrapped_module``, ``_orig_mod``) are dropped by DCP's
+    state dicts, so checkpoints do not depend on these switches. Returns the model.
+    """
+    t = cfg.train
+    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    if shard and "tp" in names:
+        apply_tensor_parallel(model, mesh["tp"])
+    if t.activation_checkpoint == "full":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if t.compile:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block)
+    if shard and mesh is not None:
+        apply_fsdp(model, mesh["dp"] if "tp" in names else mesh, t.mixed_precision)
+    return model
+
+
+def apply_tensor_parallel(model, tp_mesh) -> None:
+    """torchtitan's LLaMA plan inside each block (the embedding and head stay replicated over tp)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {n: ColwiseParallel() for n in TP_PLAN_COLWISE} | {n: RowwiseParallel() for n in TP_PLAN_ROWWISE}
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_fsdp(model, dp_mesh, mixed_precision: str = "none") -> None:
+    """``fully_shard`` per block, the embedding, [final norm, head], then the root. bf16:
+    parameters all-gathered and computed in bf16, gradients reduced in fp32, and the sharded
+    fp32 parameters stay the master weights the optimizer updates."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model.tok_embeddings, mesh=dp_mesh, mp_policy=policy)
+    fully_shard([model.norm, model.output], mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def shard_model(model, mesh) -> None:
+    """Tensor parallel per block (when the mesh has a ``tp`` dim), then FSDP2 over ``dp``, fp32
+    (the planner's and tests' shorthand for ``parallelize`` with the default switches)."""
     names = mesh.mesh_dim_names or ()
     if "tp" in names:
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-        plan = {n: ColwiseParallel() for n in TP_PLAN_COLWISE} | {n: RowwiseParallel() for n in TP_PLAN_ROWWISE}
-        for block in model.layers:
-            parallelize_module(block, mesh["tp"], plan)
-    dp = mesh["dp"] if "tp" in names else mesh
-    for block in model.layers:
-        fully_shard(block, mesh=dp)
-    fully_shard(model.tok_embeddings, mesh=dp)
-    fully_shard([model.norm, model.output], mesh=dp)
-    fully_shard(model, mesh=dp)
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_fsdp(model, mesh["dp"] if "tp" in names else mesh)
 
 
 def data_parallel_rank(mesh) -> tuple[int, int]:

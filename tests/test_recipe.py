@@ -21,8 +21,14 @@ SMALL = ["--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "model.n
          "--set", "train.keep_last=5", "--set", "optim.warmup_steps=2"]
 
 
-def torchrun(out_dir, *extra, launcher=("--standalone", "--nproc-per-node", "2"), env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "launch.train",
+def torchrun(out_dir, *extra, launcher=("--standalone", "--nproc-per-node", "2"), env=None, crash=()):
+    """The trainer under torchrun; ``crash=(step[, rank])`` runs it through the test-only
+    ``tests/train_with_faults.py``, which SIGKILLs that rank (every rank) after that step."""
+    entry = ["-m", "launch.train"]
+    if crash:
+        entry = ["tests/train_with_faults.py", "--crash-at-step", str(crash[0])]
+        entry += ["--crash-rank", str(crash[1])] if len(crash) > 1 else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *entry,
            "--config", "configs/llama_tiny.toml", "--out-dir", str(out_dir), *SMALL, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -53,6 +59,18 @@ def assert_same_run(a, b):
         assert torch.equal(pa[k], pb[k]), k
 
 
+def ds_json(folder, stage, **batch_keys) -> Path:
+    """configs/ds_zero{stage}.json with its batch keys replaced by ``batch_keys`` (none: the
+    trainer derives them from train.*; the shipped files' micro-batch of 8 would not divide
+    these tests' 4 sequences per rank, a conflict the trainer refuses)."""
+    ds = json.loads((ROOT / "configs" / f"ds_zero{stage}.json").read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        ds.pop(key, None)
+    path = Path(folder) / f"ds_zero{stage}_{'_'.join(f'{k}{v}' for k, v in batch_keys.items())}.json"
+    path.write_text(json.dumps(ds | batch_keys))
+    return path
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """One uninterrupted 2-process run, the reference for the tests below."""
@@ -73,9 +91,9 @@ def test_two_process_run_trains_and_resumes_bit_for_bit_after_kill(tmp_path, str
     assert steps[10] < steps[1] - 0.5, steps  # stated margin: at least 0.5 nat in 10 steps
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-10", "step-3", "step-6", "step-9"]
 
-    # Every rank SIGKILLs itself after step 5 (MANO_TRAIN_CRASH_AT_STEP: a lost node): the
+    # Every rank SIGKILLs itself after step 5 (tests/train_with_faults.py: a lost node): the
     # newest complete checkpoint is step 3 (odd: the rotation phase must resume right).
-    killed = torchrun(tmp_path, "--resume", "none", env={"MANO_TRAIN_CRASH_AT_STEP": "5"})
+    killed = torchrun(tmp_path, "--resume", "none", crash=(5,))
     output = killed.communicate(timeout=600)[0]
     assert killed.returncode != 0, output
     resumed = torchrun(tmp_path, "--resume", "auto")
@@ -90,8 +108,7 @@ def test_elastic_restart_resumes_from_checkpoint(tmp_path, straight):
     """Rank 1 dies after step 5; torchrun (--max-restarts 1) restarts the workers, which resume
     from step 3 and end where the uninterrupted run ends."""
     launcher = ("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
-    proc = torchrun(tmp_path, launcher=launcher,
-                    env={"MANO_TRAIN_CRASH_AT_STEP": "5", "MANO_TRAIN_CRASH_RANK": "1"})
+    proc = torchrun(tmp_path, launcher=launcher, crash=(5, 1))
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output
     assert "resumed from" in output and "at step 3" in output, output
@@ -160,7 +177,7 @@ def test_deepspeed_engine_matches_fsdp2_and_resumes(tmp_path, straight, stage):
     the same batches as FSDP2: same losses to float rounding; killed after step 5, it resumes
     from its step-3 checkpoint (engine.save_checkpoint, data position as client state) and ends
     with the same losses as its uninterrupted run."""
-    ds = ("--engine", "deepspeed", "--ds-config", f"configs/ds_zero{stage}.json")
+    ds = ("--engine", "deepspeed", "--ds-config", str(ds_json(tmp_path, stage)))
     env = {"DS_ACCELERATOR": "cpu"}
     whole = tmp_path / "whole"
     proc = torchrun(whole, "--resume", "none", *ds, env=env)
@@ -170,7 +187,7 @@ def test_deepspeed_engine_matches_fsdp2_and_resumes(tmp_path, straight, stage):
     assert ref.keys() == got.keys() and all(abs(ref[k] - got[k]) < 1e-4 for k in ref), (ref, got)
 
     cut = tmp_path / "cut"
-    killed = torchrun(cut, "--resume", "none", *ds, env={**env, "MANO_TRAIN_CRASH_AT_STEP": "5"})
+    killed = torchrun(cut, "--resume", "none", *ds, env=env, crash=(5,))
     output = killed.communicate(timeout=600)[0]
     assert killed.returncode != 0, output
     resumed = torchrun(cut, "--resume", "auto", *ds, env=env)
@@ -188,6 +205,12 @@ def test_deepspeed_engine_matches_fsdp2_and_resumes(tmp_path, straight, stage):
     (["--set", "parallel.tp=3"], "parallel.tp 3 must be >= 1 and divide model.n_heads"),
     (["--set", "parallel.engine=deepspeed"], "needs parallel.ds_config"),
     (["--set", "optim.name=sgd"], "optim.name must be one of mano, adamw, muon"),
+    (["--set", "train.micro_batch=3"], "train.micro_batch 3 does not divide the 4 sequences per rank"),
+    (["--set", "train.activation_checkpoint=some"], "train.activation_checkpoint must be one of none, full"),
+    (["--set", "train.mixed_precision=fp8"], "train.mixed_precision must be one of none, bf16"),
+    (["--engine", "deepspeed", "--ds-config", "configs/ds_zero2.json"], "does not divide the 4 sequences per rank"),
+    (["--engine", "deepspeed", "--ds-config", "configs/ds_zero2.json", "--set", "train.global_batch=16",
+      "--set", "optim.name=adamw"], "names optimizer 'Mano' but optim.name = 'adamw'"),
 ])
 def test_bad_input_fails_clearly_without_hanging(tmp_path, extra, message):
     proc = torchrun(tmp_path, "--resume", "none", *extra)
