@@ -10,7 +10,8 @@ Sets ``train.global_batch = ranks / tp x micro_batch x 2`` (two micro-steps per 
   dry run traces one micro-step with zero gradients standing for the first's). Two independent measures per rank: the peak of live tensor storages (the dry run's
   own counter, now on real tensors: what CUDA's allocator would report as allocated) and the
   peak resident set (``ru_maxrss``) minus the resident set just before the model is built,
-  which also sees what no tensor counter sees (allocator slack, Python objects);
+  which also sees what no tensor counter sees (Python objects, kernel workspaces), with glibc
+  told to give freed blocks back at once (else its heap retention dominates the difference);
 - dry run: ``dryrun.dry_run`` of the same config at the same world size, on fake tensors;
 - planner: ``plan.predict_peak``, the closed-form model.
 
@@ -31,8 +32,23 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in the
+    heap, so the resident set stays up after tensors die: measured here, 2.22 GiB of peak RSS
+    for 1.68 GiB of peak live tensors. A fixed 64 KiB threshold and no trim threshold give
+    every large block back at ``free``, and the resident set follows the live bytes."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 0)
+
+
 def _real_step(rank, world_size, config: str, overrides: list[str]) -> dict:
     import torch
+
+    _return_freed_memory_to_the_os()
 
     from .config import accumulation_steps, load_config
     from .dryrun import PeakTracker, measure_step

@@ -7,8 +7,8 @@ How (the way large trainers estimate memory before a launch):
   move nothing, so FSDP2 and tensor parallelism build their real local shards and buffers;
 - ``FakeTensorMode``: every tensor has its shape, dtype and storage size but no data, so the
   1.3B model costs no memory and each op costs microseconds;
-- ``build_model`` and ``parallelize`` (the trainer's own functions) build, shard, wrap and
-  initialise the model; the trainer's ``FSDPEngine`` builds the optimizer; then the trainer's
+- the trainer's own ``build_model`` steps (``parallelize`` on the meta device, then
+  ``init_weights``) build, shard, wrap and initialise the model; the trainer's ``FSDPEngine`` builds the optimizer; then the trainer's
   micro-step (forward, loss, ``micro_backward``; when it accumulates, with the sharded
   gradients of earlier micro-steps live, as on the GPU), and the optimizer's real ``step()``. Gradient clipping is replaced by the norm it computes: its host read of the
   norm has no value to read here (its memory is one scalar per gradient);
@@ -175,7 +175,11 @@ def measure_step(model, engine, cfg, micro: int, accumulation: int, tracker: Pea
         del logits, loss
     grads = local_bytes(p.grad for p in params)
     tracker.phase = "optimizer step"
-    torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    by_mesh: dict[object, list[torch.Tensor]] = {}  # the norms clip_grad_norm takes, per mesh
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    for grads_on_mesh in by_mesh.values():
+        torch.nn.utils.get_total_norm(grads_on_mesh)
     opt.step()
     state = local_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -194,8 +198,8 @@ def dry_run(cfg, world: int) -> DryRunResult:
 
     from .config import accumulation_steps
     from .engines import FSDPEngine
-    from .model import build_model
-    from .parallel import build_mesh
+    from .model import Llama, init_weights
+    from .parallel import build_mesh, parallelize
 
     cfg = copy.deepcopy(cfg)
     cfg.train.async_checkpoint = False  # its gloo side group cannot exist on the fake backend; host memory only
@@ -206,10 +210,16 @@ def dry_run(cfg, world: int) -> DryRunResult:
         raise RuntimeError("dry_run starts its own fake process group; destroy the current one first")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        mesh = build_mesh(torch.device("cpu"), world, tp)  # outside FakeTensorMode (see notes)
+        # build_model's steps, split where DeviceMesh needs real tensors (it indexes its rank
+        # map with data-dependent ops, which fake tensors refuse): the mesh and ``parallelize``
+        # on the meta device outside FakeTensorMode, materialising and ``init_weights`` inside.
+        mesh = build_mesh(torch.device("cpu"), world, tp)
+        with torch.device("meta"):
+            model = parallelize(Llama(cfg.model), mesh, cfg)
         with FakeTensorMode(allow_non_fake_inputs=True), PeakTracker() as tracker, \
                 tempfile.TemporaryDirectory() as out:
-            model = build_model(cfg, mesh, torch.device("cpu"))
+            model.to_empty(device="cpu")
+            init_weights(model, cfg.train.seed)
             result = measure_step(model, FSDPEngine(model, cfg, Path(out)), cfg, micro, accumulation, tracker)
     finally:
         dist.destroy_process_group()
