@@ -8,10 +8,11 @@ How (the way large trainers estimate memory before a launch):
 - ``FakeTensorMode``: every tensor has its shape, dtype and storage size but no data, so the
   1.3B model costs no memory and each op costs microseconds;
 - the trainer's own ``build_model`` steps (``parallelize`` on the meta device, then
-  ``init_weights``) build, shard, wrap and initialise the model; the trainer's ``FSDPEngine`` builds the optimizer; then the trainer's
-  micro-step (forward, loss, ``micro_backward``; when it accumulates, with the sharded
-  gradients of earlier micro-steps live, as on the GPU), and the optimizer's real ``step()``. Gradient clipping is replaced by the norm it computes: its host read of the
-  norm has no value to read here (its memory is one scalar per gradient);
+  ``init_weights``) build, shard, wrap and initialise the model; its ``FSDPEngine`` builds the
+  optimizer; then one micro-step of the trainer (forward, loss, ``micro_backward``; when it
+  accumulates, with the sharded gradients of earlier micro-steps live, as on the GPU) and the
+  optimizer's real ``step()``. Gradient clipping is replaced by the norms it computes: its
+  host read of the norm has no value to read here (its memory is one scalar per mesh);
 - :class:`PeakTracker` counts the bytes of every live tensor storage as ops create and free
   them, the way ``torch.cuda.max_memory_allocated`` counts the caching allocator's blocks.
 
@@ -22,7 +23,11 @@ What a fake CPU trace cannot see, and how it is accounted for:
   output and a fp32 log-sum-exp per (sequence, head, position) and never the (seq x seq) score
   matrix, so the bytes traced are the bytes flash keeps (CUDA's kernel adds a 16-byte RNG state);
 - the CUDA context, NCCL's buffers and the caching allocator's fragmentation are not tensors:
-  ``--reserve`` GiB (default 3.0; an assumption, not measured here) is added to the traced peak.
+  ``--reserve`` GiB (default 3.0; an assumption, not measured here) is added to the traced peak;
+- host reads of values (Mano's cancellation and non-finite checks) have nothing to read: the
+  optimizer takes the path that allocates most (see ``mano_dist.lockstep``).
+
+Checked against real CPU runs of the same configuration: ``launch/calibrate.py``.
 """
 
 from __future__ import annotations

@@ -106,14 +106,12 @@ def saved_bytes_per_token_per_block(m, tp: int = 1, compute_bytes: int = 2) -> f
 
 
 def activation_bytes(m, seq: int, micro: int, tp: int = 1, compute_bytes: int = 2, checkpoint: str = "none") -> float:
-    """Activation bytes of one micro-batch at the start of its backward: every block's saved
-    tensors (with full checkpointing: each block's input, plus one block recomputed), and the
-    logits (in the compute dtype, kept by the training loop), their fp32 log-softmax and its
-    gradient."""
+    """Bytes every block keeps for backward over one micro-batch: all its saved tensors, or with
+    full checkpointing only its input (the block is recomputed in backward)."""
     tokens = seq * micro
-    per_block = saved_bytes_per_token_per_block(m, tp, compute_bytes) * tokens
-    blocks = (m.n_layers * compute_bytes * m.dim * tokens + per_block) if checkpoint == "full" else m.n_layers * per_block
-    return blocks + (compute_bytes + 8) * m.vocab_size * tokens
+    if checkpoint == "full":
+        return m.n_layers * compute_bytes * m.dim * tokens
+    return m.n_layers * saved_bytes_per_token_per_block(m, tp, compute_bytes) * tokens
 
 
 def _block_elements(m) -> int:
@@ -122,18 +120,28 @@ def _block_elements(m) -> int:
 
 def predict_peak(cfg, dp: int, tp: int, micro: int) -> float:
     """Peak bytes per GPU of an FSDP2 Mano step: the sharded fp32 params, grads and state, the
-    activations of one micro-batch, and the unsharded copies FSDP2 holds while it works: two
-    blocks' params (the one running and the one prefetched) in the compute dtype, and the
-    largest group's (the head's) unsharded gradient in compute dtype plus its fp32 copy."""
+    blocks' saved activations of one micro-batch, and the larger of two moments of its backward:
+
+    - the head's: the logits (compute dtype, kept by the training loop), their fp32
+      log-softmax and its gradient; the unsharded head and the prefetched last block, the
+      head's gradient in compute dtype and its fp32 copy for the reduce-scatter;
+    - a block's: the logits, the block recomputed when checkpointing, two unsharded blocks (the
+      running one and the prefetched one) and one block's gradient in compute dtype + fp32.
+    """
     with torch.device("meta"):
         counts = count_parameters_by_role(Llama(cfg.model))
     m, t = cfg.model, cfg.train
     c = 2 if t.mixed_precision == "bf16" else 4
     mem = memory_per_gpu(counts, "fsdp2", dp, tp)
     static = mem["params"] + mem["grads"] + mem["mano"]
-    head = m.vocab_size * m.dim
-    unsharded = 2 * c * max(_block_elements(m) / tp, head) + (c + 4) * head
-    return static + unsharded + activation_bytes(m, cfg.data.seq_len, micro, tp, c, t.activation_checkpoint)
+    tokens = cfg.data.seq_len * micro
+    head, block = m.vocab_size * m.dim, _block_elements(m) / tp
+    logits = c * m.vocab_size * tokens
+    at_head = logits + 8 * m.vocab_size * tokens + c * (head + block) + (c + 4) * head
+    recompute = saved_bytes_per_token_per_block(m, tp, c) * tokens if t.activation_checkpoint == "full" else 0
+    at_block = logits + recompute + 2 * c * block + (c + 4) * block
+    saved = activation_bytes(m, cfg.data.seq_len, micro, tp, c, t.activation_checkpoint)
+    return static + saved + max(at_head, at_block)
 
 
 def _sharding(name: str, strategy: str, dp: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -269,7 +277,7 @@ def _print_activations(cfg, dp: int, tp: int, gpu_mem_gib: float) -> None:
     from .dryrun import DEFAULT_RESERVE_GIB
 
     per_rank = t.global_batch // dp if t.global_batch % dp == 0 else None
-    print(f"\nactivations per micro-batch of {seq}-token sequences, GiB per GPU (bf16 compute)")
+    print(f"\nactivations the blocks keep per micro-batch of {seq}-token sequences, GiB per GPU (bf16 compute)")
     print(f"{'micro-batch':>11}{'none':>9}{'full ckpt':>10}   predicted FSDP2 + Mano peak, this config "
           f"({t.mixed_precision} precision, {t.activation_checkpoint} checkpointing)")
     best = None

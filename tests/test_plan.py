@@ -76,7 +76,7 @@ def test_command_prints_tables_and_rejects_bad_degrees(capsys):
     assert "2,685,831,680 parameters" in out and "data parallel 8, tensor parallel 2" in out
     for row in ("fsdp2", "zero1", "zero2", "zero3", "Mano, FSDP2/TP", "Muon, FSDP2", "Dion-style"):
         assert row in out
-    assert "activations per micro-batch of 1024-token sequences" in out
+    assert "activations the blocks keep per micro-batch of 1024-token sequences" in out
     assert "largest micro-batch whose peak + 3 GiB reserve fits 80 GiB with 10% headroom: train.micro_batch = " in out
     with pytest.raises(SystemExit):
         main(["--config", str(ROOT / "configs/llama_3b.toml"), "--nodes", "1", "--gpus-per-node", "8", "--tp", "3"])
@@ -86,11 +86,10 @@ def test_command_prints_tables_and_rejects_bad_degrees(capsys):
 def test_activation_model_of_the_1b_block():
     """The closed form read off the block's ops, at 1.3B width in bf16: 16 d for the two norms,
     7 x 2 d for attention, 4 x 2 ffn for SwiGLU, 4 bytes of log-sum-exp per head, 8 for the
-    norms' fp32 rsqrt; checkpointing keeps each block's bf16 input plus one block."""
+    norms' fp32 rsqrt; checkpointing keeps each block's bf16 input."""
     m = load_config(ROOT / "configs/llama_1b.toml").model
     per_token = 16 * 2048 + 14 * 2048 + 8 * 5461 + 4 * 32 + 8
-    logits = (2 + 8) * 32000
-    assert activation_bytes(m, 1024, 2) == 2048 * (24 * per_token + logits)
-    assert activation_bytes(m, 1024, 2, checkpoint="full") == 2048 * (24 * 2 * 2048 + per_token + logits)
+    assert activation_bytes(m, 1024, 2) == 2048 * 24 * per_token
+    assert activation_bytes(m, 1024, 2, checkpoint="full") == 2048 * 24 * 2 * 2048
     tp2 = 16 * 2048 + (14 * 2048 + 8 * 5461 + 4 * 32) / 2 + 8
-    assert activation_bytes(m, 1024, 1, tp=2) == 1024 * (24 * tp2 + logits)
+    assert activation_bytes(m, 1024, 1, tp=2) == 1024 * 24 * tp2
