@@ -1,17 +1,22 @@
 """Plan a run before renting the GPUs: exact parameter counts, per-GPU memory and optimizer traffic.
 
-    python -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8 [--tp 2]
+    python -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8 [--tp 2] \
+        [--gpu-mem 80] [--dry-run]
 
 Builds the model on the meta device (no memory, any size), splits its parameters the way the
 trainer does (hidden matrices to Mano/Muon, embeddings, head and 1-D params to AdamW) and prints:
 
 - parameter counts per role, exact;
 - per-GPU memory for params, grads and optimizer state under FSDP2 and ZeRO-1/2/3, for AdamW,
-  Mano and Muon (bytes per element below; activations are not included: they depend on the
-  batch, the sequence length and activation checkpointing);
+  Mano and Muon (bytes per element below);
+- activations per micro-batch (bf16, without and with checkpointing), the predicted FSDP2 +
+  Mano peak of the config, and the largest micro-batch that fits ``--gpu-mem``;
 - optimizer communication per step and rank, from the same per-slice rule the optimizer follows
   (``mano_dist.layouts``): for axis k, 3 statistics per slice are all-reduced over the mesh
-  groups that shard axis k, nothing when axis k is local.
+  groups that shard axis k, nothing when axis k is local;
+- with ``--dry-run``, the trainer's real step traced on fake tensors at this world size
+  (``launch/dryrun.py``), ending with ``dry run: peak X.X GiB per rank of Y GiB: fits`` (exit 0)
+  or ``...: does not fit`` (exit 3).
 
 Memory model (the usual accounting, bf16 compute):
   FSDP2    fp32 params, fp32 grads, optimizer state: all sharded over dp x tp.
