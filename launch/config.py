@@ -27,8 +27,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "sotu"  # "sotu" (bundled) or comma-separated .txt/.jsonl paths/globs
-    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE of vocab_size on the data, cached
+    source: str = "sotu"  # "sotu" (bundled) or a few comma-separated .txt/.jsonl(.gz)/.parquet paths/globs
+    prepared: str = ""  # a folder written by `python -m launch.prepare` (replaces source; large corpora)
+    tokenizer: str = "bpe"  # "bpe" (trained on the data, cached), "llama32k", or a .model / tokenizer.json path
     seq_len: int = 256
     val_fraction: float = 0.02
     cache_dir: str = "~/.cache/mano_dist"
@@ -183,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.prepared and d.source != "sotu":
+        raise ConfigError(f"data.prepared ({d.prepared}) and data.source ({d.source}) both name the data: keep one")
     if t.micro_batch < 0:
         raise ConfigError(f"train.micro_batch must be >= 0 (0: the whole per-rank batch), got {t.micro_batch}")
     if t.activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:

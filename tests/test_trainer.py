@@ -6,7 +6,7 @@
   and a run with accumulation killed mid-way resumes bit for bit;
 - activation checkpointing: the same losses as without;
 - bf16 mixed precision (FSDP2 policy): trains, checkpoints fp32 masters, reshards 2 -> 1;
-- compile: the same losses as eager;
+- compile (with checkpointing and micro-batches): the same losses as eager;
 - DeepSpeed batch keys and ``[optim]``: honoured, or a conflict refused, before any collective;
 - metrics: ETA, MFU's FLOP count and the TensorBoard scalars.
 """
@@ -47,6 +47,7 @@ def _initial_weights(rank, world_size, tp, checkpoint):
     return full if rank == 0 else None
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_lean_init_is_bit_identical_at_every_world_size_and_tp(tmp_path):
     from launch.model import Llama, RMSNorm, build_model, parameter_seed
@@ -179,17 +180,14 @@ def test_bf16_mixed_precision_trains_checkpoints_fp32_masters_and_reshards(tmp_p
 
 
 @pytest.mark.slow
-def test_compiled_blocks_match_eager(tmp_path):
-    """torch.compile per block (inductor, CPU), one process: the same losses as eager to 1e-5."""
-    runs = {}
-    for mode in ("false", "true"):
-        cmd = [sys.executable, "-m", "launch.train", "--config", "configs/llama_tiny.toml",
-               "--out-dir", str(tmp_path / mode), *SMALL, "--set", "train.steps=3", "--set", f"train.compile={mode}",
-               "--resume", "none"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        runs[mode] = losses(tmp_path / mode)
-    assert all(abs(runs["true"][k] - runs["false"][k]) < 1e-5 for k in runs["false"]), runs
+@pytest.mark.distributed
+def test_compiled_checkpointed_micro_batched_blocks_match_eager(tmp_path, straight):
+    """Every switch of ``parallelize`` at once, in torchtitan's order (checkpoint, compile with
+    inductor on CPU, FSDP2), with micro-batches of 2: the eager whole-batch run's losses to 1e-5."""
+    _ok(tmp_path, "--resume", "none", "--set", "train.steps=3", "--set", "train.compile=true",
+        "--set", "train.activation_checkpoint=full", "--set", "train.micro_batch=2")
+    ref, got = losses(straight[0]), losses(tmp_path)
+    assert got.keys() == {1, 2, 3} and all(abs(ref[k] - got[k]) < 1e-5 for k in got), (ref, got)
 
 
 def test_metrics_eta_mfu_and_tensorboard(tmp_path):

@@ -30,6 +30,8 @@ class DeepSpeedMano(Mano):
     (eagerly, on the partitions), never for the full-size params.
     """
 
+    _rebinds_swapped_params = False  # ZeRO swaps flat partitions in and out of param_groups itself
+
     def __init__(self, *args, **kwargs):
         self._attached = False
         self._engine_building = False  # set by the engine hook while DeepSpeed wraps us

@@ -1,0 +1,25 @@
+"""Mano where users already train: the Hugging Face Transformers ``Trainer`` and Accelerate.
+
+Import-light on purpose: nothing here imports transformers, accelerate or deepspeed until used.
+
+- :class:`ManoFactory`: ``Trainer(..., optimizer_cls_and_kwargs=(ManoFactory, {"lr": 1e-3}))``
+  or ``ManoFactory.from_args(training_args)`` (see ``hf_trainer.py``).
+- Accelerate's FSDP2 path needs nothing extra: :class:`mano_dist.Mano` re-binds its state to the
+  sharded params that ``Accelerator.prepare`` swaps into its param groups.
+- DeepSpeed (``--deepspeed ds.json`` or an Accelerate DeepSpeed plugin): ``"type": "Mano"`` in the
+  JSON after ``import mano_dist.deepspeed``.
+
+See docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ManoFactory", "trainer_param_groups"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import hf_trainer
+
+        return getattr(hf_trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
