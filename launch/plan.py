@@ -1,17 +1,22 @@
 """Plan a run before renting the GPUs: exact parameter counts, per-GPU memory and optimizer traffic.
 
-    python -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8 [--tp 2]
+    python -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8 [--tp 2] \
+        [--gpu-mem 80] [--dry-run]
 
 Builds the model on the meta device (no memory, any size), splits its parameters the way the
 trainer does (hidden matrices to Mano/Muon, embeddings, head and 1-D params to AdamW) and prints:
 
 - parameter counts per role, exact;
 - per-GPU memory for params, grads and optimizer state under FSDP2 and ZeRO-1/2/3, for AdamW,
-  Mano and Muon (bytes per element below; activations are not included: they depend on the
-  batch, the sequence length and activation checkpointing);
+  Mano and Muon (bytes per element below);
+- activations per micro-batch (bf16, without and with checkpointing), the predicted FSDP2 +
+  Mano peak of the config, and the largest micro-batch that fits ``--gpu-mem``;
 - optimizer communication per step and rank, from the same per-slice rule the optimizer follows
   (``mano_dist.layouts``): for axis k, 3 statistics per slice are all-reduced over the mesh
-  groups that shard axis k, nothing when axis k is local.
+  groups that shard axis k, nothing when axis k is local;
+- with ``--dry-run``, the trainer's real step traced on fake tensors at this world size
+  (``launch/dryrun.py``), ending with ``dry run: peak X.X GiB per rank of Y GiB: fits`` (exit 0)
+  or ``...: does not fit`` (exit 3).
 
 Memory model (the usual accounting, bf16 compute):
   FSDP2    fp32 params, fp32 grads, optimizer state: all sharded over dp x tp.
@@ -41,6 +46,7 @@ from .model import Llama
 
 GiB = 2**30
 MiB = 2**20
+PLAN_HEADROOM = 0.10  # the suggested micro-batch leaves this fraction of the GPU free
 # Which of the LLaMA block's matrices tensor parallelism splits by output rows (colwise) or by
 # input columns (rowwise); the trainer's TP plan.
 COLWISE = ("wq", "wk", "wv", "w1", "w3")
@@ -91,6 +97,59 @@ def memory_per_gpu(counts: ParamCounts, strategy: str, dp: int, tp: int = 1) -> 
         raise ValueError(f"strategy: unknown {strategy!r}")
     return {"params": params, "grads": grads, "adamw": 8 * P / shards,
             "mano": (4 * M + 8 * F) / shards, "muon": (4 * M + 8 * F) / shards}
+
+
+def saved_bytes_per_token_per_block(m, tp: int = 1, compute_bytes: int = 2) -> float:
+    """Bytes one block keeps for backward per token, read off the block's ops (``launch/model.py``).
+
+    ``compute_bytes`` 2 under bf16 (FSDP2 param_dtype), 4 in fp32. TP splits the attention and
+    FFN tensors over ``tp`` (no sequence parallelism: the norms see the whole width).
+    - each RMSNorm: its fp32 input copy, the normalised tensor, its output (4 + 2c) d;
+    - attention: q and k before and after RoPE, v, the attention output and its reshaped copy
+      (7 c d / tp), and the fp32 log-sum-exp a flash kernel keeps per head (4 h / tp);
+    - SwiGLU: w1's and w3's outputs, silu's output and the product (4 c ffn / tp).
+    """
+    c, d, f, h = compute_bytes, m.dim, m.ffn_dim, m.n_heads
+    return 2 * (4 * d + 2 * c * d) + (7 * c * d + 4 * c * f + 4 * h) / tp + 8
+
+
+def activation_bytes(m, seq: int, micro: int, tp: int = 1, compute_bytes: int = 2, checkpoint: str = "none") -> float:
+    """Bytes every block keeps for backward over one micro-batch: all its saved tensors, or with
+    full checkpointing only its input (the block is recomputed in backward)."""
+    tokens = seq * micro
+    if checkpoint == "full":
+        return m.n_layers * compute_bytes * m.dim * tokens
+    return m.n_layers * saved_bytes_per_token_per_block(m, tp, compute_bytes) * tokens
+
+
+def _block_elements(m) -> int:
+    return 4 * m.dim * m.dim + 3 * m.dim * m.ffn_dim + 2 * m.dim
+
+
+def predict_peak(cfg, dp: int, tp: int, micro: int) -> float:
+    """Peak bytes per GPU of an FSDP2 Mano step: the sharded fp32 params, grads and state, the
+    blocks' saved activations of one micro-batch, and the larger of two moments of its backward:
+
+    - the head's: the logits (compute dtype, kept by the training loop), their fp32
+      log-softmax and its gradient; the unsharded head and the prefetched last block, the
+      head's gradient in compute dtype and its fp32 copy for the reduce-scatter;
+    - a block's: the logits, the block recomputed when checkpointing, two unsharded blocks (the
+      running one and the prefetched one) and one block's gradient in compute dtype + fp32.
+    """
+    with torch.device("meta"):
+        counts = count_parameters_by_role(Llama(cfg.model))
+    m, t = cfg.model, cfg.train
+    c = 2 if t.mixed_precision == "bf16" else 4
+    mem = memory_per_gpu(counts, "fsdp2", dp, tp)
+    static = mem["params"] + mem["grads"] + mem["mano"]
+    tokens = cfg.data.seq_len * micro
+    head, block = m.vocab_size * m.dim, _block_elements(m) / tp
+    logits = c * m.vocab_size * tokens
+    at_head = logits + 8 * m.vocab_size * tokens + c * (head + block) + (c + 4) * head
+    recompute = saved_bytes_per_token_per_block(m, tp, c) * tokens if t.activation_checkpoint == "full" else 0
+    at_block = logits + recompute + 2 * c * block + (c + 4) * block
+    saved = activation_bytes(m, cfg.data.seq_len, micro, tp, c, t.activation_checkpoint)
+    return static + saved + max(at_head, at_block)
 
 
 def _sharding(name: str, strategy: str, dp: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -157,6 +216,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: the config's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU (default 80)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="also trace one real step on fake tensors at this world size (launch/dryrun.py); "
+                         "exit 3 when it does not fit")
+    ap.add_argument("--reserve", type=float, default=None, metavar="GIB",
+                    help="added to the dry run's traced peak for the CUDA context, NCCL and fragmentation (default 3)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -169,6 +234,8 @@ def main(argv=None) -> int:
     if tp > 1 and (cfg.model.n_heads % tp or cfg.model.ffn_dim % tp):
         ap.error(f"--tp {tp} must divide model.n_heads ({cfg.model.n_heads}) and model.ffn_dim ({cfg.model.ffn_dim})")
     dp = world // tp
+    if tp != cfg.parallel.tp:
+        cfg.parallel.tp = tp
     with torch.device("meta"):
         model = Llama(cfg.model)
     c = count_parameters_by_role(model)
@@ -192,6 +259,8 @@ def main(argv=None) -> int:
     print(f"Muon also needs each full matrix on the rank that orthogonalises it: {largest / MiB:,.0f} MiB "
           f"(largest, fp32) plus Newton-Schulz workspace; Mano's transients are local-shard sized.")
 
+    _print_activations(cfg, dp, tp, args.gpu_mem)
+
     t = optimizer_traffic(c, dp, tp)
     print("\noptimizer communication per step and rank (ring algorithms; MiB sent)")
     rows = [("AdamW", "none", t["adamw"]),
@@ -204,7 +273,51 @@ def main(argv=None) -> int:
         print(f"  {name:<24}{_fmt_mib(b)}   {how}")
     print("  (DeepSpeed Muon on ZeRO-1/2 sends nothing extra but runs Newton-Schulz on every full "
           "matrix on every rank.)")
-    return 0
+    if not args.dry_run:
+        return 0
+    return _dry_run(cfg, world, args.gpu_mem, args.reserve)
+
+
+def _print_activations(cfg, dp: int, tp: int, gpu_mem_gib: float) -> None:
+    """Activations per micro-batch (bf16, without and with checkpointing) and the predicted FSDP2
+    peak of the config's own precision and checkpointing, with the largest micro-batch that fits."""
+    m, t, seq = cfg.model, cfg.train, cfg.data.seq_len
+    from .dryrun import DEFAULT_RESERVE_GIB
+
+    per_rank = t.global_batch // dp if t.global_batch % dp == 0 else None
+    print(f"\nactivations the blocks keep per micro-batch of {seq}-token sequences, GiB per GPU (bf16 compute)")
+    print(f"{'micro-batch':>11}{'none':>9}{'full ckpt':>10}   predicted FSDP2 + Mano peak, this config "
+          f"({t.mixed_precision} precision, {t.activation_checkpoint} checkpointing)")
+    best = None
+    for micro in (1, 2, 4, 8, 16, 32, 64):
+        if per_rank is not None and (micro > per_rank or per_rank % micro):
+            continue
+        peak = predict_peak(cfg, dp, tp, micro)
+        if peak / GiB + DEFAULT_RESERVE_GIB <= gpu_mem_gib * (1 - PLAN_HEADROOM):
+            best = micro
+        print(f"{micro:>11}{_fmt_gib(activation_bytes(m, seq, micro, tp, 2))}"
+              f"{_fmt_gib(activation_bytes(m, seq, micro, tp, 2, 'full'))} {_fmt_gib(peak)}")
+    if best is None:
+        print(f"no micro-batch fits {gpu_mem_gib:g} GiB with {PLAN_HEADROOM:.0%} headroom at this precision and checkpointing")
+    else:
+        acc = f" x {per_rank // best} accumulation" if per_rank else ""
+        print(f"largest micro-batch whose peak + {DEFAULT_RESERVE_GIB:g} GiB reserve fits {gpu_mem_gib:g} GiB with "
+              f"{PLAN_HEADROOM:.0%} headroom: "
+              f"train.micro_batch = {best}{acc} (config has {t.micro_batch or 'the whole per-rank batch'})")
+
+
+def _dry_run(cfg, world: int, gpu_mem_gib: float, reserve_gib: float | None) -> int:
+    from .dryrun import DEFAULT_RESERVE_GIB, dry_run, report
+
+    try:
+        result = dry_run(cfg, world)
+    except ConfigError as e:
+        print(f"error: {e}")
+        return 2
+    lines, fits = report(result, gpu_mem_gib, DEFAULT_RESERVE_GIB if reserve_gib is None else reserve_gib)
+    print()
+    print("\n".join(lines))
+    return 0 if fits else 3
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 try:  # DTensor is public since torch 2.5; keep the dense path importable without it.
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -107,7 +108,7 @@ def block_dots(pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
     x0 = pairs[0][0]
     m, n = x0.shape
     rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    if x0.device.type != "cpu" or m <= rows:
+    if x0.device.type != "cpu" or m <= rows or is_fake(x0):  # a fake-tensor dry run models the GPU path
         return torch.stack([torch.linalg.vecdot(x, y, dim=axis) for x, y in pairs])
     if axis == 1:
         out = torch.empty(len(pairs), m, dtype=x0.dtype, device=x0.device)

@@ -4,7 +4,8 @@ Each round, every live generator yields one request. All slice-sum requests of t
 packed into one flat float32 buffer per process group (ordered by the group's key, so every rank
 issues the same collectives in the same order with the same sizes), all-reduced once, and
 unpacked. Requests whose axis is local need nothing. All boolean requests of a round are
-answered with one host synchronisation.
+answered with one host synchronisation; on fake tensors (a memory dry run, which has no values)
+they are answered True without one, so the dry run takes the path that allocates the most.
 """
 
 from __future__ import annotations
@@ -47,9 +48,18 @@ def run_lockstep(
         ]
 
 
+def holds_no_values(t: Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (``FakeTensorMode``): shapes and dtypes, no data to read."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def _answer_flags(flags: list[AnyTrue]) -> dict[int, bool]:
     if not flags:
         return {}
+    if holds_no_values(flags[0].flag):
+        return {id(f): True for f in flags}
     values = torch.stack([f.flag.reshape(()) for f in flags]).tolist()
     return {id(f): bool(v) for f, v in zip(flags, values)}
 

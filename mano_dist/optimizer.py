@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from .functional import VARIANTS, adamw_step, mano_matrix_step, momentum_directions
 from .layouts import is_distributed_tensor, layout_for
-from .lockstep import default_all_reduce, run_lockstep
+from .lockstep import default_all_reduce, holds_no_values, run_lockstep
 
 ALGORITHMS = ("mano", "adamw")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -345,7 +345,7 @@ class Mano(Optimizer):
         bad = bad_local.to(grads[0].device if grads else _default_device(), copy=True)
         if sharded and dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
-        if not bad.item():
+        if holds_no_values(bad) or not bad.item():  # a dry run on fake tensors takes the full step
             return True
         if self.nonfinite == "raise":
             if bad_local.item():

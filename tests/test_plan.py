@@ -11,7 +11,7 @@ import torch
 from dist import run_distributed
 from launch.config import ModelConfig, load_config
 from launch.model import Llama
-from launch.plan import count_parameters_by_role, main, memory_per_gpu, optimizer_traffic
+from launch.plan import activation_bytes, count_parameters_by_role, main, memory_per_gpu, optimizer_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=2, ffn_dim=172, vocab_size=512, max_seq_len=32)
@@ -76,6 +76,21 @@ def test_command_prints_tables_and_rejects_bad_degrees(capsys):
     assert "2,685,831,680 parameters" in out and "data parallel 8, tensor parallel 2" in out
     for row in ("fsdp2", "zero1", "zero2", "zero3", "Mano, FSDP2/TP", "Muon, FSDP2", "Dion-style"):
         assert row in out
+    assert "activations the blocks keep per micro-batch of 1024-token sequences" in out
+    assert "largest micro-batch whose peak + 3 GiB reserve fits 80 GiB with 10% headroom: train.micro_batch = " in out
     with pytest.raises(SystemExit):
         main(["--config", str(ROOT / "configs/llama_3b.toml"), "--nodes", "1", "--gpus-per-node", "8", "--tp", "3"])
     assert "cannot be split" in capsys.readouterr().err
+
+
+def test_activation_model_of_the_1b_block():
+    """The closed form read off the block's ops, at 1.3B width in bf16: 16 d for the two norms,
+    7 x 2 d for attention, 4 x 2 ffn for SwiGLU, 4 bytes of log-sum-exp per head, 8 for the
+    norms' fp32 rsqrt; checkpointing keeps each block's bf16 input."""
+    m = load_config(ROOT / "configs/llama_1b.toml").model
+    f = m.ffn_dim  # 5632
+    per_token = 16 * 2048 + 14 * 2048 + 8 * f + 4 * 32 + 8
+    assert activation_bytes(m, 1024, 2) == 2048 * 24 * per_token
+    assert activation_bytes(m, 1024, 2, checkpoint="full") == 2048 * 24 * 2 * 2048
+    tp2 = 16 * 2048 + (14 * 2048 + 8 * f + 4 * 32) / 2 + 8
+    assert activation_bytes(m, 1024, 1, tp=2) == 1024 * 24 * tp2
