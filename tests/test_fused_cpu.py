@@ -32,22 +32,22 @@ def _eager(layout, w, d, **hyper):
 def test_fused_step_equals_eager(variant, nesterov):
     """Two steps (both axes) on fp32 fragments, fused vs eager: weights, momentum, and the
     direction left in the gradient agree to float rounding; one row takes the exact second
-    round (its direction is parallel to its weight row)."""
+    round (its direction is nearly parallel to its weight row)."""
     torch.manual_seed(0)
     for shape, cuts in CASES:
         numel = shape[0] * shape[1]
         w0, g0 = torch.randn(numel), torch.randn(numel)
-        g0.view(shape)[2] = 3 * w0.view(shape)[2]
+        g0.view(shape)[2] = 3 * w0.view(shape)[2] + 0.05 * g0.view(shape)[2]  # nearly parallel: exact round
         out = {}
         for name, step_fn, direction_fn in (("eager", _eager, momentum_directions),
                                             ("fused", fused_cpu.fragment_step, fused_cpu.momentum_directions)):
             w, m = w0.clone(), torch.zeros(numel)
-            for axis in (1, 0):  # rows first: row 2's direction is parallel to its weight
+            for axis in (1, 0):  # rows first: row 2's direction is nearly parallel to its weight
                 g = g0.clone()
                 _run(shape, cuts, w, g, m, step_fn, direction_fn, axis, variant, nesterov)
             out[name] = (w, m, g)
         for got, want in zip(out["fused"], out["eager"]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert not torch.equal(out["fused"][0], w0)
 
 
