@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .functional import MatrixStep, SliceSums, projected_coefficients, update_scale  # noqa: F401
+from .functional import MatrixStep, projected_coefficients, update_scale
 
 
 def momentum_direction_(g: Tensor, m: Tensor, momentum: float, nesterov: bool) -> None:
