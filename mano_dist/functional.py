@@ -134,20 +134,30 @@ def _normaliser(s_tt: Tensor, variant: str, eps: float) -> Tensor:
 def _projected(W, D, layout, axis, variant, scale, decay, eps) -> MatrixStep:
     """v1/v2: the three slice sums s_dw, s_dd, s_ww in one round (one all-reduce when sharded).
 
-    |T|^2 = s_dd - 2 b s_dw + b^2 s_ww. Where that cancels (see CANCELLATION_TOLERANCE) the
-    matrix takes a second, exact round. The update W(decay) - c T/|T| is applied as
-    W * (decay + c b/|T|) - (c/|T|) D with per-slice coefficients, so T is never materialised
-    on the common path: 3 reductions + 2 elementwise passes over the matrix.
+    The update W(decay) - c T/|T| is applied as W * (decay + c b/|T|) - (c/|T|) D with
+    per-slice coefficients, so T is never materialised on the common path: 3 reductions + 2
+    elementwise passes over the matrix.
     """
     stats = layout.dots([(D, W), (D, D), (W, W)], axis)
+    keep, step = yield from projected_coefficients(stats, W, lambda: D, layout, axis, variant, scale, decay, eps)
+    W.mul_(layout.expand(keep, axis)).addcmul_(D, layout.expand(step, axis), value=-1.0)
+
+
+def projected_coefficients(stats, W, direction, layout, axis, variant, scale, decay, eps):
+    """From this process's partial sums ``stats`` = (s_dw, s_dd, s_ww): the per-slice ``keep``
+    and ``step`` with W <- W * keep - step * D (a generator: yields the sums' completion).
+
+    |T|^2 = s_dd - 2 b s_dw + b^2 s_ww. Where that cancels (see CANCELLATION_TOLERANCE) the
+    matrix takes a second, exact round on T = D - b W (``direction()`` gives D).
+    """
     s_dw, s_dd, s_ww = (yield SliceSums(stats, axis))
     b = _projection_coefficient(s_dw, s_ww, variant, eps)
     s_tt = s_dd - b * (2 * s_dw - b * s_ww)
     if (yield AnyTrue((s_tt <= CANCELLATION_TOLERANCE * s_dd).logical_and_(s_dd > 0).any())):
-        T = torch.addcmul(D, layout.expand(b, axis), W, value=-1.0)
+        T = torch.addcmul(direction(), layout.expand(b, axis), W, value=-1.0)
         (s_tt,) = yield SliceSums(layout.dot(T, T, axis).unsqueeze(0), axis)
     coef = _normaliser(s_tt, variant, eps).reciprocal_().mul_(scale)
-    W.mul_(layout.expand(coef * b + decay, axis)).addcmul_(D, layout.expand(coef, axis), value=-1.0)
+    return coef * b + decay, coef
 
 
 def _both_axes(W, D, layout, axis, scale, decay, eps) -> MatrixStep:

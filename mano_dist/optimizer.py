@@ -282,7 +282,7 @@ class Mano(Optimizer):
         matrices = self._matrices(group, self._with_grads(group))
         if not matrices:
             return []
-        directions = momentum_directions(
+        directions = self._momentum_directions(
             [m[1] for m in matrices], [m[2] for m in matrices], group["momentum"], group["nesterov"]
         )
         axis = int(group["step"]) % 2
@@ -296,6 +296,10 @@ class Mano(Optimizer):
             )
             for (weight, _, _, lay), d in zip(matrices, directions)
         ]
+
+    def _momentum_directions(self, grads, bufs, momentum, nesterov):
+        """Momentum and directions of a group's matrices (a subclass may fuse the passes)."""
+        return momentum_directions(grads, bufs, momentum, nesterov)
 
     def _matrix_step(self, weight, direction, layout, **hyper):
         """One matrix's step generator (a subclass whose views are not 2-D blocks overrides it)."""

@@ -129,6 +129,8 @@ def _train_body(rank, world_size, runs):
     out = []
     for stage, accum, steps, hyper, zero_extra in runs:
         engine = _make_engine(stage, accum, world_size, hyper=hyper, zero_extra=zero_extra)
+        # offloaded partitions take the compiled CPU passes (mano_dist/fused_cpu.py), the rest eager
+        assert engine.basic_optimizer._fused == ("offload_optimizer" in (zero_extra or {}))
         _train(engine, rank, world_size, accum, steps)
         out.append(_full_params(engine, stage))
     return out
@@ -164,7 +166,7 @@ def test_zero_stages_match_reference(tmp_path, world_size):
     """Stages 0-3, accumulation 1 and 2, 4 steps (both rotation axes twice); the v1 and "both"
     variants on stages 2 and 3; stage 3 with several sub-groups per param group (DeepSpeed then
     calls step() once per sub-group: the rotation must still turn once per optimizer step);
-    stages 2 and 3 with the optimizer offloaded to the CPU (ZeRO-Offload)."""
+    stages 2 and 3 with the optimizer offloaded to the CPU (ZeRO-Offload: the fused CPU passes)."""
     steps = 4
     runs = [(stage, accum, steps, None, None) for stage in (0, 1, 2, 3) for accum in (1, 2)]
     runs += [(stage, 1, steps, dict(HYPER, variant=v), None) for stage in (2, 3) for v in ("v1", "both")]
@@ -490,7 +492,7 @@ def test_state_bytes_per_element_and_offload(tmp_path):
     """Mano keeps 4 bytes per partition element (its momentum; no per-element index or cache),
     AdamW 8, on ZeRO 1-3 and with the optimizer offloaded; a client DeepSpeedMano under offload
     needs "zero_force_ds_cpu_optimizer": false (DeepSpeed's check), then matches the reference."""
-    results = run_distributed(_memory_offload_body, 2, tmp_path, env=ENV, timeout=400)
+    results = run_distributed(_memory_offload_body, 2, tmp_path, env=ENV, timeout=900)  # offload: compiles
     want = reference_params(2, 1, 2)
     for res in results:
         for (stage, offload, name), (cls, per_element) in res["bytes"].items():

@@ -38,6 +38,8 @@ from torch import nn
 PEERS = {"adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
          "cpuadam": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}
 MANO = {"type": "Mano", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1, "nonfinite": "ignore"}}
+# Under offload also Mano's eager passes (fused_cpu off), the step before mano_dist/fused_cpu.py.
+MANO_EAGER = {"type": "Mano", "params": {**MANO["params"], "fused_cpu": False}}
 # (stage, offload, peer)
 CASES = [(1, False, "adamw"), (2, False, "adamw"), (3, False, "adamw"), (2, True, "cpuadam"), (3, True, "cpuadam")]
 
@@ -177,23 +179,31 @@ def _body(rank, world_size, width, layers, steps, cases):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     results = {}
     for stage, offload, peer in cases:
-        for name, opt in (("mano", MANO), (peer, PEERS[peer])):
+        engines = (("mano", MANO), (peer, PEERS[peer])) + ((("mano_eager", MANO_EAGER),) if offload else ())
+        for name, opt in engines:
             results[(stage, offload, name)] = measure(stage, offload, opt, width, layers, steps, rank)
     return results
 
 
-def run(world_size: int, width: int, layers: int, steps: int, cases=CASES) -> dict:
+def run(world_size: int, width: int, layers: int, steps: int, cases=CASES, threads: int = 1) -> dict:
+    """``threads``: OpenMP threads per rank, the same for every optimizer (``DeepSpeedCPUAdam``'s
+    OpenMP loop, PyTorch's intra-op pool and Mano's compiled kernels all read OMP_NUM_THREADS)."""
     from mano_dist.multiprocess import run_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         return run_distributed(_body, world_size, pathlib.Path(tmp), width, layers, steps, list(cases),
-                               env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout=1800)[0]
+                               env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}, timeout=1800)[0]
 
 
 def _ratio(mano: float, peer: float) -> str:
     """A peak ratio, or '-' where the peer's peak is below one MiB (in-place kernels; the ratio
     of two page-granular noise levels means nothing)."""
     return f"{mano / peer:>6.2f}x" if peer >= 2**20 else f"{'-':>7}"
+
+
+def _eager_note(e: dict, peer: dict) -> str:
+    return (f"; eager Mano {e['seconds'] * 1e3:.1f} ms = {e['seconds'] / peer['seconds']:.2f}x "
+            f"({e['median_seconds'] * 1e3:.1f} median)")
 
 
 def main(argv=None) -> None:
@@ -203,21 +213,26 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="timed steps after 2 warm-up steps")
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank (all optimizers alike)")
+    ap.add_argument("--offload-only", action="store_true", help="only the ZeRO-Offload cases")
     args = ap.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    res = run(args.world_size, args.width, args.layers, args.steps)
-    print(f"DeepSpeed ZeRO, {args.world_size} ranks, {args.layers} matrices {args.width}x{args.width} "
-          f"({args.layers * args.width**2 * 4 / 2**20:.0f} MiB fp32); rank 0; step: fastest (median) of {args.steps}")
+    cases = [c for c in CASES if c[1] or not args.offload_only]
+    res = run(args.world_size, args.width, args.layers, args.steps, cases, args.threads)
+    print(f"DeepSpeed ZeRO, {args.world_size} ranks x {args.threads} threads, {args.layers} matrices "
+          f"{args.width}x{args.width} ({args.layers * args.width**2 * 4 / 2**20:.0f} MiB fp32); rank 0; "
+          f"step: fastest (median) of {args.steps}")
     print(f"{'stage':<6}{'offload':<8}{'peer':<17}{'B/elt Mano':>11}{'peer':>6}{'ratio':>7}"
           f"{'peak MiB Mano':>14}{'peer':>7}{'ratio':>7}{'step ms Mano':>13}{'peer':>8}{'ratio':>7}")
-    for stage, offload, peer in CASES:
+    for stage, offload, peer in cases:
         m, p = res[(stage, offload, "mano")], res[(stage, offload, peer)]
         print(f"{stage:<6}{'cpu' if offload else '-':<8}{p['optimizer']:<17}"
               f"{m['bytes_per_element']:>11.2f}{p['bytes_per_element']:>6.2f}"
               f"{m['bytes_per_element'] / p['bytes_per_element']:>6.2f}x"
               f"{m['peak'] / 2**20:>14.1f}{p['peak'] / 2**20:>7.1f}{_ratio(m['peak'], p['peak'])}"
               f"{m['seconds'] * 1e3:>13.1f}{p['seconds'] * 1e3:>8.1f}{m['seconds'] / p['seconds']:>6.2f}x"
-              f"  ({m['median_seconds'] * 1e3:.1f} / {p['median_seconds'] * 1e3:.1f} ms median)")
+              f"  ({m['median_seconds'] * 1e3:.1f} / {p['median_seconds'] * 1e3:.1f} ms median)"
+              + (_eager_note(res[(stage, offload, "mano_eager")], p) if offload else ""))
     print("B/elt: optimizer-held bytes per partition element (flat params and grads excluded); peak: "
           "resident-set rise during the optimizer's step() calls; step: their wall time")
 

@@ -20,7 +20,7 @@ _ROUTING_KEYS = ("adamw_patterns", "mano_patterns")
 MANO_CONFIG_KEYS = tuple(
     name for name in inspect.signature(Mano.__init__).parameters
     if name not in ("self", "params", "mano_params", "adamw_params", "process_group")
-) + _ROUTING_KEYS
+) + ("fused_cpu",) + _ROUTING_KEYS  # fused_cpu: DeepSpeedMano's own (ZeRO-Offload)
 
 
 def check_config_params(params: dict[str, Any]) -> None:

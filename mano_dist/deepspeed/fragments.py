@@ -47,11 +47,14 @@ class MatrixBlock:
 
     def dots(self, pairs: list[tuple[Tensor, Tensor]], axis: int) -> Tensor:
         """Partial per-slice sums of x*y for each pair: shape (len(pairs), full slice count)."""
-        x0 = pairs[0][0]
-        sums = block_dots(pairs, axis)
+        return self.full_length(block_dots(pairs, axis), axis)
+
+    def full_length(self, sums: Tensor, axis: int) -> Tensor:
+        """Per-slice sums over this block, (k, local slices), as (k, full slice count): zeros
+        where the block has no elements, so every rank's reduction buffer is laid out alike."""
         if sums.shape[1] == self.global_shape[1 - axis]:
             return sums
-        out = torch.zeros(len(pairs), self.global_shape[1 - axis], dtype=sums.dtype, device=x0.device)
+        out = torch.zeros(len(sums), self.global_shape[1 - axis], dtype=sums.dtype, device=sums.device)
         out[:, self._span(axis)] = sums
         return out
 
@@ -90,8 +93,8 @@ def fragment_blocks(global_shape: tuple[int, int], start: int, numel: int,
     if pos < end:
         add(1, end - pos)
         pos = end
-    if not out:
-        add(0, n)
+    if not out:  # an empty block spanning whole rows (col 0), so its per-slice views fit it
+        out.append(MatrixBlock(global_shape, 0, pos // n, 0, 0, n, groups))
     return tuple(out)
 
 

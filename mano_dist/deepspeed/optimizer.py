@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .. import fused_cpu
 from ..layouts import ReduceGroup, matrix_shape
 from ..lockstep import run_lockstep
 from ..optimizer import Mano
@@ -32,7 +33,9 @@ class DeepSpeedMano(Mano):
 
     _rebinds_swapped_params = False  # ZeRO swaps flat partitions in and out of param_groups itself
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused_cpu: bool = True, **kwargs):
+        self.fused_cpu = bool(fused_cpu)  # ZeRO-Offload: fused, compiled CPU passes (fused_cpu.py)
+        self._fused = False
         self._attached = False
         self._engine_building = False  # set by the engine hook while DeepSpeed wraps us
         self._partitions: dict[int, FlatPartition] = {}
@@ -66,6 +69,7 @@ class DeepSpeedMano(Mano):
                      for part in self._partitions.values()]
         else:
             flats = [(p, g["algorithm"]) for g in self.param_groups for p in g["params"]]
+        self._fused = self.fused_cpu and self.zero_stage >= 1 and bool(engine.zero_cpu_offload())
         self.state.clear()
         self._attached = True
         for p, algorithm in flats:
@@ -89,9 +93,16 @@ class DeepSpeedMano(Mano):
                 out.append((flat[cut], flat.grad[cut], momentum[cut], lay))
         return out
 
+    def _momentum_directions(self, grads, bufs, momentum, nesterov):
+        if self._fused and all(g.dtype == torch.float32 for g in grads):
+            return fused_cpu.momentum_directions(grads, bufs, momentum, nesterov)
+        return super()._momentum_directions(grads, bufs, momentum, nesterov)
+
     def _matrix_step(self, weight, direction, layout, **hyper):
         if self.zero_stage == 0:
             return super()._matrix_step(weight, direction, layout, **hyper)
+        if self._fused and fused_cpu.supports(hyper["variant"], weight.dtype):
+            return fused_cpu.fragment_step(layout, weight, direction, **hyper)
         return layout.matrix_step(weight, direction, **hyper)
 
     def _shares_params_across_ranks(self, named) -> bool:

@@ -1,0 +1,141 @@
+"""Mano's step on CPU-resident (ZeRO-Offload) fragments with fewer, fused passes.
+
+Eager PyTorch makes about a dozen memory-bound passes over a partition per step; DeepSpeed's
+``DeepSpeedCPUAdam`` makes one fused pass. Here three of Mano's phases are ``torch.compile``'d
+(inductor emits vectorised C++ on CPU), each one read of its operands:
+
+- ``momentum_direction_``: M <- mu M + g and, with Nesterov, g <- g + mu M (the direction D is
+  written into the gradient, as in the eager path), per 1-D fragment;
+- ``row_sums`` / ``column_sums``: the three slice sums <D,W>, |D|^2, |W|^2 of a 2-D block;
+- ``apply_update``: W <- W * keep - step * D with per-slice ``keep`` and ``step``.
+
+Between them the same coefficient math as the eager path (``functional.projected_coefficients``)
+runs on the complete sums, so results equal the eager step up to float rounding (sums are
+accumulated in another order). Shapes are compiled ``dynamic`` (fragments have many sizes). If
+compiling fails, the same functions run eagerly, after one warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .functional import MatrixStep, projected_coefficients, update_scale
+
+
+def momentum_direction_(g: Tensor, m: Tensor, momentum: float, nesterov: bool) -> None:
+    """M <- mu M + g; with Nesterov also g <- g + mu M (the direction D), in place."""
+    m_new = g + momentum * m
+    m.copy_(m_new)
+    if nesterov:
+        g.copy_(g + momentum * m_new)
+
+
+def row_sums(d: Tensor, w: Tensor) -> Tensor:
+    """(3, rows): per-row <d,w>, <d,d>, <w,w> of 2-D blocks (k = 1)."""
+    return torch.stack([(d * w).sum(1), (d * d).sum(1), (w * w).sum(1)])
+
+
+# Column sums (k = 0) as compiled walk down all rows in 16-column strips: past a few hundred
+# rows every row is another page (4096 x 1024: 14 ms). Summing groups of this many rows first
+# keeps each strip within a few pages (4 ms; and fewer rounding steps per sum).
+COLUMN_GROUP_ROWS = 32
+
+
+def column_sums(d: Tensor, w: Tensor) -> Tensor:
+    """(3, columns): per-column <d,w>, <d,d>, <w,w> of 2-D blocks (k = 0)."""
+    rows, cols = d.shape
+    whole = rows - rows % COLUMN_GROUP_ROWS
+    dg, wg = d[:whole].view(-1, COLUMN_GROUP_ROWS, cols), w[:whole].view(-1, COLUMN_GROUP_ROWS, cols)
+    dr, wr = d[whole:], w[whole:]
+    return torch.stack([(dg * wg).sum(1).sum(0) + (dr * wr).sum(0), (dg * dg).sum(1).sum(0) + (dr * dr).sum(0),
+                        (wg * wg).sum(1).sum(0) + (wr * wr).sum(0)])
+
+
+def apply_update(w: Tensor, d: Tensor, keep: Tensor, step: Tensor) -> None:
+    """W <- W * keep - step * D, in place (``keep`` and ``step`` broadcast per slice)."""
+    w.copy_(w * keep - step * d)
+
+
+class _Compiled:
+    """``fn`` compiled on first use; ``fn`` itself (eager) once compiling has failed."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is not False:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: warn, keep training
+                warnings.warn(f"mano_dist: torch.compile of {self.fn.__name__} failed "
+                              f"({type(exc).__name__}: {exc}); using eager PyTorch", stacklevel=2)
+                self.compiled = False
+        return self.fn(*args)
+
+
+MOMENTUM_DIRECTION = _Compiled(momentum_direction_)
+ROW_SUMS = _Compiled(row_sums)
+COLUMN_SUMS = _Compiled(column_sums)
+APPLY_UPDATE = _Compiled(apply_update)
+
+
+def momentum_directions(grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool) -> list[Tensor]:
+    """``functional.momentum_directions`` with one fused pass per run of adjacent 1-D views
+    (the fragments of one flat partition are adjacent: usually one call per partition)."""
+    for g, m in _adjacent_runs(list(zip(grads, bufs))):
+        if g.numel():
+            MOMENTUM_DIRECTION(g, m, momentum, nesterov)
+    return list(grads) if nesterov else list(bufs)
+
+
+def _adjacent_runs(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Pairs of 1-D views merged where both views start where the previous pair's end."""
+    runs: list[tuple[Tensor, Tensor]] = []
+    for pair in pairs:
+        if runs and all(_follows(prev, v) for prev, v in zip(runs[-1], pair)):
+            runs[-1] = tuple(torch.as_strided(prev, (prev.numel() + v.numel(),), (1,), prev.storage_offset())
+                             for prev, v in zip(runs[-1], pair))
+        else:
+            runs.append(pair)
+    return runs
+
+
+def _follows(prev: Tensor, v: Tensor) -> bool:
+    return (prev.is_contiguous() and v.is_contiguous()
+            and v.untyped_storage().data_ptr() == prev.untyped_storage().data_ptr()
+            and v.storage_offset() == prev.storage_offset() + prev.numel())
+
+def _block_sums(d: Tensor, w: Tensor, axis: int) -> Tensor:
+    if not d.numel():
+        return d.new_zeros(3, d.shape[1 - axis])
+    return ROW_SUMS(d, w) if axis == 1 else COLUMN_SUMS(d, w)
+
+
+def block_step(weight: Tensor, direction: Tensor, block, *, axis: int, variant: str, lr: float,
+               weight_decay: float, eps: float) -> MatrixStep:
+    """``functional.mano_matrix_step`` (v1/v2) of one fp32 2-D block, with the fused passes."""
+    local = _block_sums(direction, weight, axis)
+    scale = update_scale(lr, block.global_shape, axis)
+    keep, step = yield from projected_coefficients(block.full_length(local, axis), weight, lambda: direction,
+                                                    block, axis, variant, scale, 1.0 - lr * weight_decay, eps)
+    if weight.numel():
+        APPLY_UPDATE(weight, direction, block.expand(keep, axis), block.expand(step, axis))
+
+
+def fragment_step(layout, weight: Tensor, direction: Tensor, **hyper) -> MatrixStep:
+    """:func:`block_step` over the blocks of a ``FlatFragmentLayout`` (1-D fragment views), in
+    unison like its eager ``matrix_step``."""
+    from .deepspeed.fragments import in_unison
+
+    steps = [block_step(b.view(weight), b.view(direction), b, **hyper) for b in layout.blocks]
+    return steps[0] if len(steps) == 1 else in_unison(steps)
+
+
+def supports(variant: str, dtype: torch.dtype) -> bool:
+    """The fused path covers v1/v2 on fp32 state; "both" and other dtypes stay eager."""
+    return variant in ("v1", "v2") and dtype == torch.float32
