@@ -1,0 +1,186 @@
+"""The token-scaling study: does an optimizer's gap change with more tokens?
+
+    python -m launch.scaling [--out runs/scaling] [--budgets 307200 1e6 3e6] [--seeds 0 1] [--jobs 2]
+
+The convergence study (``launch.compare``) measures one budget (307k tokens). This one trains
+the same model (``configs/llama_study.toml``) at several token budgets, each with its own full
+schedule (10 % warmup, cosine to 0.1x over that budget: a short run is not a truncated long
+one), every optimizer at its best lr from the short study, ``--seeds`` each. At the largest
+budget it also trains the neighbouring lrs of the half-decade grid (about lr / 3 and lr x 3)
+with ``--sweep-seed``, and keeps stepping outward while the best lr sits on an edge of what was
+tried, so a shifted optimum is seen. Runs go in priority order (the best-lr runs first), are
+cached in ``--out/steps<N>/<optimizer>/lr<lr>/seed<s>``, and a re-run only trains what is
+missing before redrawing the plots (``--summarize-only`` trains nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import OPTIMIZERS, final_record, train_run
+
+# Best peak lr per optimizer in the short study (docs/benchmarks.md, "Convergence study").
+SHORT_STUDY_BEST_LR = {"adamw": 3e-3, "muon": 1e-2, "mano-v1": 1e-2, "mano-v2": 1e-2, "mano-both": 1e-2,
+                       "muonmax": 1e-2, "momo-mano": 1e-2}
+# The short study's half-decade grid, extended one point each way for edge extensions.
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+WARMUP_FRACTION = 0.1  # the paper's and the short study's 10 % warmup
+EVALS_PER_RUN = 6
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    opt: str
+    lr: float
+    seed: int
+    steps: int
+
+
+def budget_steps(tokens: float, tokens_per_step: int) -> int:
+    """Steps that spend ``tokens``, rounded (307200 tokens at 2048 per step: the short study's 150)."""
+    return max(1, round(tokens / tokens_per_step))
+
+
+def schedule_overrides(steps: int) -> list[str]:
+    """A full schedule for this budget: warmup and cosine span ``steps``, evaluations spread over it."""
+    return [f"train.steps={steps}", f"optim.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
+            f"train.eval_every={max(1, math.ceil(steps / EVALS_PER_RUN))}",
+            f"train.log_every={max(1, math.ceil(steps / 20))}", f"train.checkpoint_every={steps}"]
+
+
+def run_sets(run: Run) -> list[str]:
+    return OPTIMIZERS[run.opt] + [f"optim.lr={run.lr}", f"train.seed={run.seed}"] + schedule_overrides(run.steps)
+
+
+def scaling_dir(out: Path, run: Run) -> Path:
+    return out / f"steps{run.steps}" / run.opt / f"lr{run.lr:g}" / f"seed{run.seed}"
+
+
+def grid_neighbours(lr: float, grid: tuple[float, ...] = LR_GRID) -> tuple[float | None, float | None]:
+    """The grid points just below and above ``lr`` (None past the grid's ends)."""
+    i = min(range(len(grid)), key=lambda k: abs(math.log(grid[k] / lr)))
+    return (grid[i - 1] if i > 0 else None), (grid[i + 1] if i + 1 < len(grid) else None)
+
+
+def scaling_plan(opts: list[str], steps: list[int], seeds: list[int], best_lr: dict[str, float],
+                 sweep_seed: int) -> list[Run]:
+    """Every run of the study, most valuable first.
+
+    Order: the first seed at the best lr on the largest budget, then the smaller budgets (all
+    seeds: cheap, and they make the trend), then the other seeds at the largest budget, then the
+    lr neighbours at the largest budget (one optimizer's pair at a time, so a partial study still
+    shows complete lr curves)."""
+    big, small = max(steps), sorted(set(steps) - {max(steps)}, reverse=True)
+    plan = [Run(o, best_lr[o], seeds[0], big) for o in opts]
+    plan += [Run(o, best_lr[o], s, n) for n in small for s in seeds for o in opts]
+    plan += [Run(o, best_lr[o], s, big) for s in seeds[1:] for o in opts]
+    for o in opts:
+        plan += [Run(o, lr, sweep_seed, big) for lr in grid_neighbours(best_lr[o]) if lr is not None]
+    seen: set[Run] = set()
+    return [r for r in plan if not (r in seen or seen.add(r))]
+
+
+def edge_extensions(finals: dict[Run, float], opts: list[str], steps: int, sweep_seed: int) -> list[Run]:
+    """One more lr per optimizer whose best (``sweep_seed``, ``steps``) lr is the lowest or highest
+    it tried: the next grid point outward. Empty when every optimum is inside what was tried."""
+    extra = []
+    for o in opts:
+        tried = {r.lr: v for r, v in finals.items() if r.opt == o and r.steps == steps and r.seed == sweep_seed}
+        if len(tried) < 3:  # not a sweep yet (or an unfinished one): nothing to extend
+            continue
+        best = min(tried, key=lambda lr: tried[lr] if math.isfinite(tried[lr]) else math.inf)
+        lo, hi = grid_neighbours(best)
+        if best == min(tried) and lo is not None:
+            extra.append(Run(o, lo, sweep_seed, steps))
+        elif best == max(tried) and hi is not None:
+            extra.append(Run(o, hi, sweep_seed, steps))
+    return extra
+
+
+def final_losses(out: Path, runs: list[Run]) -> dict[Run, float]:
+    """Final validation loss of every finished run (nan for a diverged one)."""
+    finals = {}
+    for r in runs:
+        rec = final_record(scaling_dir(out, r), r.steps)
+        if rec is not None:
+            finals[r] = rec["val_loss"] if rec["val_loss"] is not None else math.nan
+    return finals
+
+
+def finished_runs(out: Path) -> list[Run]:
+    """Every run folder under ``out`` that reached its last step, whatever plan made it."""
+    runs = []
+    for folder in sorted(out.glob("steps*/*/lr*/seed*")):
+        run = Run(folder.parent.parent.name, float(folder.parent.name[2:]), int(folder.name[4:]),
+                  int(folder.parent.parent.parent.name[5:]))
+        if final_record(folder, run.steps):
+            runs.append(run)
+    return runs
+
+
+def train_all(config: str, out: Path, runs: list[Run], jobs: int) -> list[Run]:
+    """Train (or skip, if cached) ``runs``, ``jobs`` at a time; returns the failed ones."""
+    failed = []
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(train_run, config, scaling_dir(out, r), run_sets(r), r.steps) for r in runs]
+        for i, (r, f) in enumerate(zip(runs, futures), 1):
+            folder, secs, rc = f.result()
+            if rc:
+                failed.append(r)
+            status = "done" if rc == 0 else f"FAILED (exit {rc}, see {folder}/train.log)"
+            print(f"[{i}/{len(runs)}] {time.strftime('%H:%M:%S')} {folder}: {status} in {secs:.0f} s", flush=True)
+    return failed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.scaling", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/llama_study.toml")
+    ap.add_argument("--out", type=Path, default=Path("runs/scaling"))
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "mano-v2"], choices=list(OPTIMIZERS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[307200, 1e6, 3e6],
+                    help="tokens per run (307200 = the short study's 150 steps)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--sweep-seed", type=int, default=0, help="the seed of the lr neighbours at the largest budget")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--docs", type=Path, default=None, help="also write the plots and the JSONL here")
+    ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--from-jsonl", type=Path, default=None,
+                    help="redraw the table and plots from a records file (e.g. docs/scaling_runs.jsonl), no runs needed")
+    args = ap.parse_args(argv)
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    steps = [budget_steps(b, tokens_per_step) for b in args.budgets]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.summarize_only or args.from_jsonl):
+        from .data import prepare
+
+        prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
+        plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed)
+        t0 = time.perf_counter()
+        failed = train_all(args.config, args.out, plan, args.jobs)
+        while extra := [r for r in edge_extensions(final_losses(args.out, finished_runs(args.out)),
+                                                   args.optimizers, max(steps), args.sweep_seed)
+                        if r not in failed]:
+            print(f"best lr on an edge: adding {extra}", flush=True)
+            failed += train_all(args.config, args.out, extra, args.jobs)
+        print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min; {len(failed)} failed", flush=True)
+    from .scaling_report import read_jsonl, report
+
+    records = read_jsonl(args.from_jsonl) if args.from_jsonl else None
+    runs = [] if records is not None else finished_runs(args.out)
+    print(report(args.out, runs, args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
