@@ -72,16 +72,15 @@ def scaling_plan(opts: list[str], steps: list[int], seeds: list[int], best_lr: d
                  sweep_seed: int) -> list[Run]:
     """Every run of the study, most valuable first.
 
-    Order: the first seed at the best lr on the largest budget, then the smaller budgets (all
-    seeds: cheap, and they make the trend), then the other seeds at the largest budget, then the
-    lr neighbours at the largest budget (one optimizer's pair at a time, so a partial study still
-    shows complete lr curves)."""
-    big, small = max(steps), sorted(set(steps) - {max(steps)}, reverse=True)
-    plan = [Run(o, best_lr[o], seeds[0], big) for o in opts]
-    plan += [Run(o, best_lr[o], s, n) for n in small for s in seeds for o in opts]
-    plan += [Run(o, best_lr[o], s, big) for s in seeds[1:] for o in opts]
+    Order: the first seed at the best lr on every budget (largest first: the trend, one seed),
+    then the other seeds (cheapest budget first: the seed spread), then the lr neighbours at the
+    largest budget (one optimizer's pair at a time, so a partial study still shows complete lr
+    curves). A study cut short therefore loses its least valuable points."""
+    by_size = sorted(set(steps), reverse=True)
+    plan = [Run(o, best_lr[o], seeds[0], n) for n in by_size for o in opts]
+    plan += [Run(o, best_lr[o], s, n) for s in seeds[1:] for n in reversed(by_size) for o in opts]
     for o in opts:
-        plan += [Run(o, lr, sweep_seed, big) for lr in grid_neighbours(best_lr[o]) if lr is not None]
+        plan += [Run(o, lr, sweep_seed, by_size[0]) for lr in grid_neighbours(best_lr[o]) if lr is not None]
     seen: set[Run] = set()
     return [r for r in plan if not (r in seen or seen.add(r))]
 

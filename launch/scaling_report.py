@@ -114,8 +114,13 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def tokens_of(n):
-        return next((r["tokens"] for r in records if r["steps"] == n), math.nan)
+    def tokens_of(n):  # in millions
+        return next((r["tokens"] / 1e6 for r in records if r["steps"] == n), math.nan)
+
+    def budget_ticks(ax):
+        ticks = [t for t in map(tokens_of, ns) if math.isfinite(t)]
+        ax.set_xticks(ticks, [f"{t:.2f}M" for t in ticks])
+        ax.minorticks_off()
 
     def line(ax, xs, ss, label):
         pts = [(x, s) for x, s in zip(xs, ss) if s["n"] and math.isfinite(s["mean"])]
@@ -133,6 +138,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
              f"{o} (lr {best_lr[o]:g})")
     ax.set(xscale="log", xlabel="tokens (own warmup + cosine schedule per budget)", ylabel="final validation loss",
            title="token scaling: final validation loss (mean, min-max over seeds)")
+    budget_ticks(ax)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -147,6 +153,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="tokens", ylabel="Δ final validation loss (nat; > 0: Mano behind)",
            title=f"{mano}'s gap, paired by seed (mean, min-max)")
+    budget_ticks(ax)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -167,7 +174,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
         if others:
             ax.scatter(*zip(*others), marker="x", color=handle.get_color(), label=f"{o}, other seeds")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel=f"final validation loss ({big} steps)",
-           title=f"lr sensitivity at {tokens_of(big) / 1e6:.2f}M tokens")
+           title=f"lr sensitivity at {tokens_of(big):.2f}M tokens")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

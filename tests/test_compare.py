@@ -62,7 +62,8 @@ def test_scaling_plan_puts_best_lr_runs_first_and_sweeps_the_largest_budget():
     plan = scaling_plan(OPTS, steps, [0, 1], SHORT_STUDY_BEST_LR, sweep_seed=0)
     assert len(plan) == len(set(plan)) == 3 * 3 * 2 + 3 * 2
     assert sum(r.steps for r in plan) * 2048 == 43_843_584  # the "about 44M tokens"
-    assert plan[:3] == [Run(o, SHORT_STUDY_BEST_LR[o], 0, 1465) for o in OPTS]
+    assert plan[:9] == [Run(o, SHORT_STUDY_BEST_LR[o], 0, n) for n in (1465, 488, 150) for o in OPTS]
+    assert plan[9:12] == [Run(o, SHORT_STUDY_BEST_LR[o], 1, 150) for o in OPTS]  # then seed 1, cheapest first
     best_lr_runs = [r for r in plan if r.lr == SHORT_STUDY_BEST_LR[r.opt]]
     assert plan[:len(best_lr_runs)] == best_lr_runs  # every 2-seed best-lr run before any lr neighbour
     sweep = {(r.opt, r.lr) for r in plan[len(best_lr_runs):]}
