@@ -25,9 +25,12 @@ from pathlib import Path
 
 from .compare import OPTIMIZERS, final_record, train_run
 
+# The short study's optimizers, plus Mano v2 with its AdamW fallback (embeddings, head, norms:
+# most of this small model's weights) at AdamW's best lr instead of Mano's: separates the two lrs.
+STUDY_OPTIMIZERS = {**OPTIMIZERS, "mano-v2-fb3e-3": OPTIMIZERS["mano-v2"] + ["optim.adamw_lr=0.003"]}
 # Best peak lr per optimizer in the short study (docs/benchmarks.md, "Convergence study").
 SHORT_STUDY_BEST_LR = {"adamw": 3e-3, "muon": 1e-2, "mano-v1": 1e-2, "mano-v2": 1e-2, "mano-both": 1e-2,
-                       "muonmax": 1e-2, "momo-mano": 1e-2}
+                       "muonmax": 1e-2, "momo-mano": 1e-2, "mano-v2-fb3e-3": 1e-2}
 # The short study's half-decade grid, extended one point each way for edge extensions.
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 WARMUP_FRACTION = 0.1  # the paper's and the short study's 10 % warmup
@@ -55,7 +58,7 @@ def schedule_overrides(steps: int) -> list[str]:
 
 
 def run_sets(run: Run) -> list[str]:
-    return OPTIMIZERS[run.opt] + [f"optim.lr={run.lr}", f"train.seed={run.seed}"] + schedule_overrides(run.steps)
+    return STUDY_OPTIMIZERS[run.opt] + [f"optim.lr={run.lr}", f"train.seed={run.seed}"] + schedule_overrides(run.steps)
 
 
 def scaling_dir(out: Path, run: Run) -> Path:
@@ -69,18 +72,20 @@ def grid_neighbours(lr: float, grid: tuple[float, ...] = LR_GRID) -> tuple[float
 
 
 def scaling_plan(opts: list[str], steps: list[int], seeds: list[int], best_lr: dict[str, float],
-                 sweep_seed: int) -> list[Run]:
+                 sweep_seed: int, extras: list[str] = ()) -> list[Run]:
     """Every run of the study, most valuable first.
 
     Order: the first seed at the best lr on every budget (largest first: the trend, one seed),
     then the other seeds (cheapest budget first: the seed spread), then the lr neighbours at the
     largest budget (one optimizer's pair at a time, so a partial study still shows complete lr
-    curves). A study cut short therefore loses its least valuable points."""
+    curves), then ``extras`` (side questions) at the smallest budget with every seed. A study cut
+    short therefore loses its least valuable points."""
     by_size = sorted(set(steps), reverse=True)
     plan = [Run(o, best_lr[o], seeds[0], n) for n in by_size for o in opts]
     plan += [Run(o, best_lr[o], s, n) for s in seeds[1:] for n in reversed(by_size) for o in opts]
     for o in opts:
         plan += [Run(o, lr, sweep_seed, by_size[0]) for lr in grid_neighbours(best_lr[o]) if lr is not None]
+    plan += [Run(o, best_lr[o], s, by_size[-1]) for s in seeds for o in extras]
     seen: set[Run] = set()
     return [r for r in plan if not (r in seen or seen.add(r))]
 
@@ -142,7 +147,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_study.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/scaling"))
-    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "mano-v2"], choices=list(OPTIMIZERS))
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "mano-v2"], choices=list(STUDY_OPTIMIZERS))
+    ap.add_argument("--extras", nargs="*", default=["mano-v2-fb3e-3"], choices=list(STUDY_OPTIMIZERS),
+                    help="run last, at the smallest budget only (in the table, not the plots)")
     ap.add_argument("--budgets", nargs="+", type=float, default=[307200, 1e6, 3e6],
                     help="tokens per run (307200 = the short study's 150 steps)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -164,7 +171,7 @@ def main(argv=None) -> int:
         from .data import prepare
 
         prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
-        plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed)
+        plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed, args.extras)
         t0 = time.perf_counter()
         failed = train_all(args.config, args.out, plan, args.jobs)
         while extra := [r for r in edge_extensions(final_losses(args.out, finished_runs(args.out)),
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
 
     records = read_jsonl(args.from_jsonl) if args.from_jsonl else None
     runs = [] if records is not None else finished_runs(args.out)
-    print(report(args.out, runs, args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records))
+    print(report(args.out, runs, args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records, args.extras))
     return 0
 
 

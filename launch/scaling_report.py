@@ -78,9 +78,10 @@ def _gap_cell(s: dict) -> str:
 
 
 def tables(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[str, float],
-           mano: str = "mano-v2") -> str:
+           mano: str = "mano-v2", extras: list[str] = ()) -> str:
     """Markdown: final loss per budget at each optimizer's best short-study lr, Mano's paired gaps,
-    and the lr sweep at the largest budget (every lr and seed that finished)."""
+    the lr sweep at the largest budget (every lr and seed that finished), and the extras' runs
+    with their paired gap to Mano."""
     tok = {n: next((r["tokens"] for r in records if r["steps"] == n), None) for n in steps}
     label = {n: f"{tok[n] / 1e6:.2f}M" if tok[n] else f"{n} steps" for n in steps}
     rivals = [o for o in opts if o != mano]
@@ -104,7 +105,14 @@ def tables(records: list[dict], opts: list[str], steps: list[int], best_lr: dict
             mark = " (short-study best)" if math.isclose(lr, best_lr[o]) else ""
             sweep.append(f"| {o} | {lr:g}{mark} | {seeds} | {mean:.3f} |" if math.isfinite(mean)
                          else f"| {o} | {lr:g}{mark} | {seeds} | diverged |")
-    return "\n".join(head + rows) + "\n\n" + "\n".join(sweep) + "\n"
+    text = "\n".join(head + rows) + "\n\n" + "\n".join(sweep) + "\n"
+    extra = [f"| extra | tokens (steps) | final loss | paired gap to {mano} |", "|---|---|---:|---:|"]
+    for o in extras:
+        for n in sorted({r["steps"] for r in records if r["opt"] == o}):
+            extra.append(f"| {o} (lr {best_lr[o]:g}) | {label.get(n, n)} ({n}) | "
+                         f"{_cell(stats(list(loss_of(records, o, best_lr[o], n).values())))} | "
+                         f"{_gap_cell(paired_gap(records, o, best_lr[o], mano, best_lr[mano], n))} |")
+    return text + ("\n" + "\n".join(extra) + "\n" if len(extra) > 2 else "")
 
 
 def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[str, float], out: Path,
@@ -184,7 +192,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
 
 
 def report(out: Path, runs, opts: list[str], steps: list[int], seeds: list[int], tokens_per_step: int,
-           docs: Path | None = None, records: list[dict] | None = None) -> str:
+           docs: Path | None = None, records: list[dict] | None = None, extras: list[str] = ()) -> str:
     """Records (from ``runs`` under ``out`` unless given), JSONL, plots and ``summary.md`` into
     ``out`` (and the plots and JSONL into ``docs`` too); returns the summary text."""
     from .scaling import SHORT_STUDY_BEST_LR, scaling_dir
@@ -199,7 +207,7 @@ def report(out: Path, runs, opts: list[str], steps: list[int], seeds: list[int],
     text = (f"Token scaling: {len(records)} finished runs, budgets {sorted(steps)} steps x {tokens_per_step} tokens, "
             f"seeds {seeds}; final validation loss at each optimizer's best short-study lr, "
             f"mean ± std over the seeds that finished (n); gaps paired by seed, [min, max].\n\n"
-            + tables(records, opts, steps, SHORT_STUDY_BEST_LR))
+            + tables(records, opts, steps, SHORT_STUDY_BEST_LR, extras=extras))
     if times:
         text += f"\nRun time: {len(times)} runs, {sum(times) / 60:.1f} min of single-thread processes in total.\n"
     (out / "summary.md").write_text(text)

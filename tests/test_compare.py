@@ -59,7 +59,9 @@ OPTS = ["adamw", "muon", "mano-v2"]
 def test_scaling_plan_puts_best_lr_runs_first_and_sweeps_the_largest_budget():
     steps = [budget_steps(b, 16 * 128) for b in (307200, 1e6, 3e6)]
     assert steps == [150, 488, 1465]  # 0.3M is the short study's 150 steps
-    plan = scaling_plan(OPTS, steps, [0, 1], SHORT_STUDY_BEST_LR, sweep_seed=0)
+    plan = scaling_plan(OPTS, steps, [0, 1], SHORT_STUDY_BEST_LR, sweep_seed=0, extras=["mano-v2-fb3e-3"])
+    assert plan[-2:] == [Run("mano-v2-fb3e-3", 1e-2, s, 150) for s in (0, 1)]  # side questions: last, cheapest
+    plan = plan[:-2]
     assert len(plan) == len(set(plan)) == 3 * 3 * 2 + 3 * 2
     assert sum(r.steps for r in plan) * 2048 == 43_843_584  # the "about 44M tokens"
     assert plan[:9] == [Run(o, SHORT_STUDY_BEST_LR[o], 0, n) for n in (1465, 488, 150) for o in OPTS]
@@ -133,21 +135,24 @@ def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_pat
             _fake_run(tmp_path, Run("mano-v2", best["mano-v2"], seed, steps),
                       [9.0, base + (0.2 if steps == 10 else 0.05) + 0.1 * seed])
     _fake_run(tmp_path, Run("mano-v2", 3e-2, 0, 30), [9.0, math.nan])  # a diverged lr neighbour
+    for seed in (0, 1):  # an extra: Mano with its fallback at another lr, 0.1 / 0.2 below Mano (6.2, 6.3)
+        _fake_run(tmp_path, Run("mano-v2-fb3e-3", 1e-2, seed, 10), [9.0, 6.2 + 0.1 * seed - 0.1 * (1 + seed)])
     runs = finished_runs(tmp_path)
     records = [run_record(scaling_dir(tmp_path, r), r.opt, r.lr, r.seed, r.steps) for r in runs]
     assert paired_gap(records, "mano-v2", 1e-2, "adamw", 3e-3, 30)["mean"] == pytest.approx(0.05)
     assert paired_gap(records, "mano-v2", 1e-2, "adamw", 3e-3, 30)["std"] == pytest.approx(0.0, abs=1e-12)
     assert paired_gap(records, "mano-v2", 1e-2, "muon", 1e-2, 10)["mean"] == pytest.approx(0.7)
-    text = report(tmp_path, runs, OPTS, [10, 30], [0, 1], 2048, docs=tmp_path / "docs")
+    text = report(tmp_path, runs, OPTS, [10, 30], [0, 1], 2048, docs=tmp_path / "docs", extras=["mano-v2-fb3e-3"])
     rows = [line for line in text.splitlines() if line.startswith("| 0.06M")]
     assert rows == ["| 0.06M (30) | 5.050 ± 0.071 (n=2) | 4.550 ± 0.071 (n=2) | 5.100 ± 0.071 (n=2) "
                     "| +0.050 [+0.050, +0.050] (n=2) | +0.550 [+0.550, +0.550] (n=2) |"]
     assert "| mano-v2 | 0.01 (short-study best) | s0 5.050, s1 5.150 | 5.100 |\n| mano-v2 | 0.03 | s0 diverged | diverged |" in text
     assert "Run time: 4 runs, 4.0 min" in text
+    assert "| mano-v2-fb3e-3 (lr 0.01) | 0.02M (10) | 6.100 ± 0.000 (n=2) | -0.150 [-0.200, -0.100] (n=2) |" in text
     for folder in (tmp_path, tmp_path / "docs"):
         assert all((folder / n).stat().st_size > 0 for n in ("scaling_val_loss.png", "scaling_gap.png",
                                                              "scaling_lr.png", "scaling_runs.jsonl"))
     saved = read_jsonl(tmp_path / "docs" / "scaling_runs.jsonl")
-    assert len(saved) == 13 and [r for r in saved if r["lr"] == 3e-2][0]["val_loss"] is None  # JSON null, not NaN
+    assert len(saved) == 15 and [r for r in saved if r["lr"] == 3e-2][0]["val_loss"] is None  # JSON null, not NaN
     # the JSONL alone redraws the same table
     assert tables(saved, OPTS, [10, 30], best) == tables(records, OPTS, [10, 30], best)
