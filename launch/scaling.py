@@ -16,10 +16,11 @@ missing before redrawing the plots (``--summarize-only`` trains nothing).
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import sys
+import statistics
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,18 +129,68 @@ def finished_runs(out: Path) -> list[Run]:
     return runs
 
 
-def train_all(config: str, out: Path, runs: list[Run], jobs: int) -> list[Run]:
-    """Train (or skip, if cached) ``runs``, ``jobs`` at a time; returns the failed ones."""
-    failed = []
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(train_run, config, scaling_dir(out, r), run_sets(r), r.steps) for r in runs]
-        for i, (r, f) in enumerate(zip(runs, futures), 1):
-            folder, secs, rc = f.result()
-            if rc:
-                failed.append(r)
+def pick_next(queue: list[Run], seconds_left: float | None, secs_per_step: float | None) -> Run | None:
+    """The first queued run expected to finish in the time left; any run without a deadline or
+    before a speed was measured. Lets a study on shared cores end on time with its best points."""
+    for run in queue:
+        if seconds_left is None or secs_per_step is None or run.steps * secs_per_step <= seconds_left:
+            return run
+    return None
+
+
+def recent_secs_per_step(out: Path, window_s: float = 900, last: int = 50, margin: float = 1.1) -> float | None:
+    """Seconds per training step now: the median over the last ``last`` steps of every run under
+    ``out`` written to in the last ``window_s`` (so under the machine's current load), plus a
+    margin for evaluations. None before any run has logged a step."""
+    secs = []
+    now = time.time()
+    for path in out.glob("steps*/*/lr*/seed*/metrics.jsonl"):
+        if now - path.stat().st_mtime > window_s:
+            continue
+        recs = [json.loads(line) for line in path.read_text().splitlines()[-last:] if line.strip()]
+        secs += [r["tokens"] / r["step"] / r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+    return margin * statistics.median(secs) if secs else None
+
+
+def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: float | None = None) -> list[Run]:
+    """Train the unfinished ``runs`` in order, ``jobs`` at a time; returns those that did not
+    finish (failed, or not started for the deadline).
+
+    With a ``deadline`` (epoch seconds) a free slot takes the first run expected to finish by
+    then at the measured speed, and stops when none is; what was not started is printed."""
+    queue = [r for r in runs if not final_record(scaling_dir(out, r), r.steps)]
+    lock = threading.Lock()
+    failed: list[Run] = []
+
+    def worker():
+        while True:
+            with lock:
+                left = None if deadline is None else deadline - time.time()
+                run = pick_next(queue, left, recent_secs_per_step(out) if deadline else None)
+                if run is None:
+                    return
+                queue.remove(run)
+            folder, secs, rc = train_run(config, scaling_dir(out, run), run_sets(run), run.steps)
             status = "done" if rc == 0 else f"FAILED (exit {rc}, see {folder}/train.log)"
-            print(f"[{i}/{len(runs)}] {time.strftime('%H:%M:%S')} {folder}: {status} in {secs:.0f} s", flush=True)
-    return failed
+            print(f"{time.strftime('%H:%M:%S')} {folder}: {status} in {secs:.0f} s", flush=True)
+            if rc:
+                with lock:
+                    failed.append(run)
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if queue:
+        print(f"not started (would not finish by the deadline): {queue}", flush=True)
+    return failed + queue
+
+
+def _today_at(hhmm: str) -> float:
+    hours, minutes = map(int, hhmm.split(":"))
+    now = time.localtime()
+    return time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hours, minutes, 0, 0, 0, -1))
 
 
 def main(argv=None) -> int:
@@ -156,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-seed", type=int, default=0, help="the seed of the lr neighbours at the largest budget")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--docs", type=Path, default=None, help="also write the plots and the JSONL here")
+    ap.add_argument("--until", default=None, metavar="HH:MM",
+                    help="start only runs expected to finish by this local time today (shared machines)")
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--from-jsonl", type=Path, default=None,
                     help="redraw the table and plots from a records file (e.g. docs/scaling_runs.jsonl), no runs needed")
@@ -172,14 +225,16 @@ def main(argv=None) -> int:
 
         prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
         plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed, args.extras)
+        deadline = _today_at(args.until) if args.until else None
         t0 = time.perf_counter()
-        failed = train_all(args.config, args.out, plan, args.jobs)
+        unfinished = train_all(args.config, args.out, plan, args.jobs, deadline)
         while extra := [r for r in edge_extensions(final_losses(args.out, finished_runs(args.out)),
                                                    args.optimizers, max(steps), args.sweep_seed)
-                        if r not in failed]:
+                        if r not in unfinished]:
             print(f"best lr on an edge: adding {extra}", flush=True)
-            failed += train_all(args.config, args.out, extra, args.jobs)
-        print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min; {len(failed)} failed", flush=True)
+            unfinished += train_all(args.config, args.out, extra, args.jobs, deadline)
+        print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min; {len(unfinished)} runs did not finish",
+              flush=True)
     from .scaling_report import read_jsonl, report
 
     records = read_jsonl(args.from_jsonl) if args.from_jsonl else None

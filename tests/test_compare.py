@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from launch import compare
 from launch.compare import final_record, run_dir, summarize
-from launch.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, scaling_dir,
-                            scaling_plan, schedule_overrides, train_all)
+from launch.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, pick_next,
+                            recent_secs_per_step, scaling_dir, scaling_plan, schedule_overrides, train_all)
 from launch.scaling_report import paired_gap, read_jsonl, report, run_record, tables
 
 
@@ -123,6 +124,26 @@ def test_cached_runs_are_not_retrained(tmp_path, monkeypatch):
     launched.clear()
     train_all("configs/llama_study.toml", tmp_path, [done, missing, unfinished], jobs=2)
     assert launched == []  # a re-run redoes nothing
+
+
+def test_a_deadline_skips_runs_that_would_not_finish_and_keeps_the_priority_order(tmp_path, monkeypatch):
+    big, small, tiny = Run("muon", 1e-2, 0, 1000), Run("adamw", 3e-3, 0, 300), Run("adamw", 3e-3, 1, 100)
+    assert pick_next([big, small, tiny], seconds_left=None, secs_per_step=2.0) == big  # no deadline
+    assert pick_next([big, small, tiny], seconds_left=700, secs_per_step=None) == big  # speed not measured yet
+    assert pick_next([big, small, tiny], seconds_left=700, secs_per_step=2.0) == small
+    assert pick_next([big, small, tiny], seconds_left=100, secs_per_step=2.0) is None
+    # the speed is measured from the runs' own per-step records (tokens / step / tokens_per_s)
+    _fake_run(tmp_path, Run("adamw", 3e-3, 0, 4), [6.0, 5.0])
+    with open(scaling_dir(tmp_path, Run("adamw", 3e-3, 0, 4)) / "metrics.jsonl", "a") as f:
+        for step in (5, 6, 7):
+            f.write(json.dumps({"step": step, "loss": 9.0, "tokens": step * 2048, "tokens_per_s": 1024.0}) + "\n")
+    assert recent_secs_per_step(tmp_path, margin=1.0) == pytest.approx(2.0)
+    launched = []
+    monkeypatch.setattr(compare.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 1)
+    monkeypatch.setattr("launch.scaling.recent_secs_per_step", lambda out: 2.0)
+    unfinished = train_all("configs/llama_study.toml", tmp_path, [big, small, tiny], jobs=1, deadline=time.time() + 700)
+    assert [c[c.index("--out-dir") + 1] for c in launched] == [str(scaling_dir(tmp_path, r)) for r in (small, tiny)]
+    assert unfinished == [small, tiny, big]  # both failed (exit 1), the big one never started
 
 
 def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_path):
