@@ -14,7 +14,7 @@ import math
 import statistics
 from pathlib import Path
 
-PLOTS = ("scaling_val_loss.png", "scaling_gap.png", "scaling_lr.png")
+PLOTS = ("scaling_val_loss.png", "scaling_gap.png", "scaling_lr.png", "scaling_curves.png")
 JSONL = "scaling_runs.jsonl"
 
 
@@ -187,6 +187,25 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for o in opts:  # inside the largest budget's runs: is anyone behind early and ahead in the decay?
+        curves = [r["curve"] for r in records if r["opt"] == o and r["steps"] == big and math.isclose(r["lr"], best_lr[o])]
+        n = min((len(c) for c in curves), default=0)
+        if not n:
+            continue
+        x = [curves[0][i][0] / 1e6 for i in range(n)]
+        ys = [[c[i][1] for c in curves if c[i][1] is not None] for i in range(n)]
+        ax.plot(x, [statistics.mean(y) if y else math.nan for y in ys], marker="o",
+                label=f"{o} (lr {best_lr[o]:g}, {len(curves)} seed{'s' * (len(curves) > 1)})")
+        ax.fill_between(x, [min(y) if y else math.nan for y in ys], [max(y) if y else math.nan for y in ys], alpha=0.2)
+    ax.set(xlabel="tokens (millions)", ylabel="validation loss",
+           title=f"validation loss during the {tokens_of(big):.2f}M-token runs (warmup + cosine)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[3], dpi=120)
     plt.close(fig)
     return paths
 

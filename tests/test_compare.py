@@ -172,7 +172,8 @@ def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_pat
     assert "| mano-v2-fb3e-3 (lr 0.01) | 0.02M (10) | 6.100 ± 0.000 (n=2) | -0.150 [-0.200, -0.100] (n=2) |" in text
     for folder in (tmp_path, tmp_path / "docs"):
         assert all((folder / n).stat().st_size > 0 for n in ("scaling_val_loss.png", "scaling_gap.png",
-                                                             "scaling_lr.png", "scaling_runs.jsonl"))
+                                                             "scaling_lr.png", "scaling_curves.png",
+                                                             "scaling_runs.jsonl"))
     saved = read_jsonl(tmp_path / "docs" / "scaling_runs.jsonl")
     assert len(saved) == 15 and [r for r in saved if r["lr"] == 3e-2][0]["val_loss"] is None  # JSON null, not NaN
     # the JSONL alone redraws the same table
