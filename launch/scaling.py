@@ -138,10 +138,11 @@ def pick_next(queue: list[Run], seconds_left: float | None, secs_per_step: float
     return None
 
 
-def recent_secs_per_step(out: Path, window_s: float = 900, last: int = 50, margin: float = 1.1) -> float | None:
+def recent_secs_per_step(out: Path, window_s: float = 900, last: int = 300, margin: float = 1.2) -> float | None:
     """Seconds per training step now: the median over the last ``last`` steps of every run under
     ``out`` written to in the last ``window_s`` (so under the machine's current load), plus a
-    margin for evaluations. None before any run has logged a step."""
+    margin for evaluations and load swings (50 steps and 10 % once let a run start that the next
+    minutes' load would have made too long). None before any run has logged a step."""
     secs = []
     now = time.time()
     for path in out.glob("steps*/*/lr*/seed*/metrics.jsonl"):
