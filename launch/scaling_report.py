@@ -62,6 +62,18 @@ def paired_gap(records: list[dict], a: str, lr_a: float, b: str, lr_b: float, st
     return stats([la[s] - lb[s] for s in sorted(set(la) & set(lb))])
 
 
+def in_run_gap(records: list[dict], a: str, lr_a: float, b: str, lr_b: float, steps: int) -> list[tuple[int, dict]]:
+    """Per evaluation inside the ``steps`` runs: (tokens, stats of loss(a) - loss(b) paired by seed)."""
+    ca = {r["seed"]: r["curve"] for r in records if r["opt"] == a and r["steps"] == steps and math.isclose(r["lr"], lr_a)}
+    cb = {r["seed"]: r["curve"] for r in records if r["opt"] == b and r["steps"] == steps and math.isclose(r["lr"], lr_b)}
+    seeds = sorted(set(ca) & set(cb))
+    if not seeds:
+        return []
+    n = min(min(len(ca[s]), len(cb[s])) for s in seeds)
+    return [(ca[seeds[0]][i][0], stats([ca[s][i][1] - cb[s][i][1] if None not in (ca[s][i][1], cb[s][i][1])
+                                        else math.nan for s in seeds])) for i in range(n)]
+
+
 def _cell(s: dict) -> str:
     if s["n"] == 0:
         return "not run"
@@ -82,8 +94,8 @@ def tables(records: list[dict], opts: list[str], steps: list[int], best_lr: dict
     """Markdown: final loss per budget at each optimizer's best short-study lr, Mano's paired gaps,
     the lr sweep at the largest budget (every lr and seed that finished), and the extras' runs
     with their paired gap to Mano."""
-    tok = {n: next((r["tokens"] for r in records if r["steps"] == n), None) for n in steps}
-    label = {n: f"{tok[n] / 1e6:.2f}M" if tok[n] else f"{n} steps" for n in steps}
+    per_step = records[0]["tokens"] / records[0]["steps"] if records else None  # one batch geometry per study
+    label = {n: f"{n * per_step / 1e6:.2f}M" if per_step else f"{n} steps" for n in steps}
     rivals = [o for o in opts if o != mano]
     head = ["| tokens (steps) | " + " | ".join(f"{o} (lr {best_lr[o]:g})" for o in opts)
             + "".join(f" | {mano} − {o}" for o in rivals if mano in opts) + " |",
@@ -106,6 +118,11 @@ def tables(records: list[dict], opts: list[str], steps: list[int], best_lr: dict
             sweep.append(f"| {o} | {lr:g}{mark} | {seeds} | {mean:.3f} |" if math.isfinite(mean)
                          else f"| {o} | {lr:g}{mark} | {seeds} | diverged |")
     text = "\n".join(head + rows) + "\n\n" + "\n".join(sweep) + "\n"
+    for o in rivals if mano in opts else []:
+        gaps = in_run_gap(records, mano, best_lr[mano], o, best_lr[o], big)
+        if gaps:
+            text += (f"\n{mano} − {o} during the {label[big]} runs (paired, at each evaluation): "
+                     + ", ".join(f"{t / 1e6:.2f}M {g['mean']:+.3f}" for t, g in gaps) + "\n")
     extra = [f"| extra | tokens (steps) | final loss | paired gap to {mano} |", "|---|---|---:|---:|"]
     for o in extras:
         for n in sorted({r["steps"] for r in records if r["opt"] == o}):

@@ -169,6 +169,7 @@ def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_pat
                     "| +0.050 [+0.050, +0.050] (n=2) | +0.550 [+0.550, +0.550] (n=2) |"]
     assert "| mano-v2 | 0.01 (short-study best) | s0 5.050, s1 5.150 | 5.100 |\n| mano-v2 | 0.03 | s0 diverged | diverged |" in text
     assert "Run time: 4 runs, 4.0 min" in text
+    assert "mano-v2 − adamw during the 0.06M runs (paired, at each evaluation): 0.03M +0.000, 0.06M +0.050" in text
     assert "| mano-v2-fb3e-3 (lr 0.01) | 0.02M (10) | 6.100 ± 0.000 (n=2) | -0.150 [-0.200, -0.100] (n=2) |" in text
     for folder in (tmp_path, tmp_path / "docs"):
         assert all((folder / n).stat().st_size > 0 for n in ("scaling_val_loss.png", "scaling_gap.png",
