@@ -147,20 +147,22 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
         ax.set_xticks(ticks, [f"{t:.2f}M" for t in ticks])
         ax.minorticks_off()
 
-    def line(ax, xs, ss, label):
+    color = {o: f"C{i}" for i, o in enumerate(opts)}  # the same colour for an optimizer in every plot
+
+    def line(ax, xs, ss, label, c):
         pts = [(x, s) for x, s in zip(xs, ss) if s["n"] and math.isfinite(s["mean"])]
         if not pts:
             return
         x = [p[0] for p in pts]
-        ax.plot(x, [p[1]["mean"] for p in pts], marker="o", label=label)
-        ax.fill_between(x, [p[1]["lo"] for p in pts], [p[1]["hi"] for p in pts], alpha=0.2)
+        ax.plot(x, [p[1]["mean"] for p in pts], marker="o", label=label, color=c)
+        ax.fill_between(x, [p[1]["lo"] for p in pts], [p[1]["hi"] for p in pts], alpha=0.2, color=c)
 
     ns = sorted(steps)
     paths = [out / name for name in PLOTS]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for o in opts:
         line(ax, [tokens_of(n) for n in ns], [stats(list(loss_of(records, o, best_lr[o], n).values())) for n in ns],
-             f"{o} (lr {best_lr[o]:g})")
+             f"{o} (lr {best_lr[o]:g})", color[o])
     ax.set(xscale="log", xlabel="tokens (own warmup + cosine schedule per budget)", ylabel="final validation loss",
            title="token scaling: final validation loss (mean, min-max over seeds)")
     budget_ticks(ax)
@@ -174,7 +176,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     for o in opts:
         if o != mano and mano in opts:
             line(ax, [tokens_of(n) for n in ns],
-                 [paired_gap(records, mano, best_lr[mano], o, best_lr[o], n) for n in ns], f"{mano} − {o}")
+                 [paired_gap(records, mano, best_lr[mano], o, best_lr[o], n) for n in ns], f"{mano} − {o}", color[o])
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="tokens", ylabel="Δ final validation loss (nat; > 0: Mano behind)",
            title=f"{mano}'s gap, paired by seed (mean, min-max)")
@@ -193,11 +195,11 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
         if not runs:
             continue
         seed = min(s for _, s, _ in runs)
-        (handle,) = ax.plot([lr for lr, s, _ in runs if s == seed], [v for _, s, v in runs if s == seed],
-                            marker="o", label=f"{o} (seed {seed})")
+        ax.plot([lr for lr, s, _ in runs if s == seed], [v for _, s, v in runs if s == seed],
+                            marker="o", label=f"{o} (seed {seed})", color=color[o])
         others = [(lr, v) for lr, s, v in runs if s != seed]
         if others:
-            ax.scatter(*zip(*others), marker="x", color=handle.get_color(), label=f"{o}, other seeds")
+            ax.scatter(*zip(*others), marker="x", color=color[o], label=f"{o}, other seeds")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel=f"final validation loss ({big} steps)",
            title=f"lr sensitivity at {tokens_of(big):.2f}M tokens")
     ax.grid(alpha=0.3, which="both")
@@ -214,9 +216,10 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
             continue
         x = [curves[0][i][0] / 1e6 for i in range(n)]
         ys = [[c[i][1] for c in curves if c[i][1] is not None] for i in range(n)]
-        ax.plot(x, [statistics.mean(y) if y else math.nan for y in ys], marker="o",
+        ax.plot(x, [statistics.mean(y) if y else math.nan for y in ys], marker="o", color=color[o],
                 label=f"{o} (lr {best_lr[o]:g}, {len(curves)} seed{'s' * (len(curves) > 1)})")
-        ax.fill_between(x, [min(y) if y else math.nan for y in ys], [max(y) if y else math.nan for y in ys], alpha=0.2)
+        ax.fill_between(x, [min(y) if y else math.nan for y in ys], [max(y) if y else math.nan for y in ys],
+                        alpha=0.2, color=color[o])
     ax.set(xlabel="tokens (millions)", ylabel="validation loss",
            title=f"validation loss during the {tokens_of(big):.2f}M-token runs (warmup + cosine)")
     ax.grid(alpha=0.3)
