@@ -10,7 +10,10 @@ budget it also trains the neighbouring lrs of the half-decade grid (about lr / 3
 with ``--sweep-seed``, and keeps stepping outward while the best lr sits on an edge of what was
 tried, so a shifted optimum is seen. Runs go in priority order (the best-lr runs first), are
 cached in ``--out/steps<N>/<optimizer>/lr<lr>/seed<s>``, and a re-run only trains what is
-missing before redrawing the plots (``--summarize-only`` trains nothing).
+missing before redrawing the plots (``--summarize-only`` trains nothing). ``--until HH:MM``
+starts only runs expected to finish by then at the measured speed (shared machines);
+``--extras`` are side questions run last at the smallest budget. The table, plots and per-run
+JSONL come from ``launch.scaling_report``; ``--from-jsonl`` redraws them without the runs.
 """
 
 from __future__ import annotations
