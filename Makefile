@@ -58,6 +58,12 @@ bench-checkpoint: $(VENV)/.installed
 compare: $(VENV)/.installed
 	$(PY) -m launch.compare --out runs/compare
 
+# The token-scaling study (AdamW, Muon, Mano v2 at 0.3M, 1M, 3M tokens; ~44M tokens, ~75 minutes on
+# 2 idle cores by the short study's speed): finished runs are cached in runs/scaling/, plots and JSONL land in docs/.
+.PHONY: scaling
+scaling: $(VENV)/.installed
+	$(PY) -m launch.scaling --out runs/scaling --docs docs
+
 plan: $(VENV)/.installed
 	$(PY) -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8
 

@@ -53,11 +53,15 @@ def final_record(folder: Path, steps: int) -> dict | None:
 
 
 def train_one(config: str, out: Path, opt: str, lr: float, seed: int, steps: int) -> tuple[str, float, int]:
-    folder = run_dir(out, opt, lr, seed)
+    sets = OPTIMIZERS[opt] + [f"optim.lr={lr}", f"train.seed={seed}", f"train.steps={steps}"]
+    return train_run(config, run_dir(out, opt, lr, seed), sets, steps)
+
+
+def train_run(config: str, folder: Path, sets: list[str], steps: int) -> tuple[str, float, int]:
+    """One single-thread ``launch.train`` process into ``folder``, skipped if it already finished."""
     if final_record(folder, steps):
         return str(folder), 0.0, 0
     folder.mkdir(parents=True, exist_ok=True)
-    sets = OPTIMIZERS[opt] + [f"optim.lr={lr}", f"train.seed={seed}", f"train.steps={steps}"]
     cmd = [sys.executable, "-m", "launch.train", "--config", config, "--out-dir", str(folder), "--resume", "none"]
     for s in sets:
         cmd += ["--set", s]

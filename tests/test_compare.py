@@ -1,12 +1,22 @@
-"""The study's bookkeeping: finished runs are recognised, the best lr is picked per optimizer,
-diverged runs are marked (not averaged in), and both plots are written."""
+"""The studies' bookkeeping. Short study: finished runs are recognised, the best lr is picked per
+optimizer, diverged runs are marked (not averaged in), and both plots are written. Token-scaling
+study: the plan's budgets and priority order, lr-edge extensions, caching (a re-run trains only
+what is missing), and the table, paired gaps, plots and JSONL from fake runs."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from pathlib import Path
 
+import pytest
+
+from launch import compare
 from launch.compare import final_record, run_dir, summarize
+from launch.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, pick_next,
+                            recent_secs_per_step, scaling_dir, scaling_plan, schedule_overrides, train_all)
+from launch.scaling_report import paired_gap, read_jsonl, report, run_record, tables
 
 
 def _write(out, opt, lr, seed, final, steps=4):
@@ -42,3 +52,130 @@ def test_summary_reports_the_total_run_time(tmp_path):
     text = summarize(tmp_path, ["adamw"], [1e-3], [0, 1], 4, wall=30.0)
     assert "Run time: 2 runs, 75 s each on average, 2.5 min in total" in text
     assert "This invocation's wall time: 0.5 min." in text
+
+
+OPTS = ["adamw", "muon", "mano-v2"]
+
+
+def test_scaling_plan_puts_best_lr_runs_first_and_sweeps_the_largest_budget():
+    steps = [budget_steps(b, 16 * 128) for b in (307200, 1e6, 3e6)]
+    assert steps == [150, 488, 1465]  # 0.3M is the short study's 150 steps
+    plan = scaling_plan(OPTS, steps, [0, 1], SHORT_STUDY_BEST_LR, sweep_seed=0, extras=["mano-v2-fb3e-3"])
+    assert plan[-2:] == [Run("mano-v2-fb3e-3", 1e-2, s, 150) for s in (0, 1)]  # side questions: last, cheapest
+    plan = plan[:-2]
+    assert len(plan) == len(set(plan)) == 3 * 3 * 2 + 3 * 2
+    assert sum(r.steps for r in plan) * 2048 == 43_843_584  # the issue's "about 44M tokens"
+    assert plan[:9] == [Run(o, SHORT_STUDY_BEST_LR[o], 0, n) for n in (1465, 488, 150) for o in OPTS]
+    assert plan[9:12] == [Run(o, SHORT_STUDY_BEST_LR[o], 1, 150) for o in OPTS]  # then seed 1, cheapest first
+    best_lr_runs = [r for r in plan if r.lr == SHORT_STUDY_BEST_LR[r.opt]]
+    assert plan[:len(best_lr_runs)] == best_lr_runs  # every 2-seed best-lr run before any lr neighbour
+    sweep = {(r.opt, r.lr) for r in plan[len(best_lr_runs):]}
+    assert sweep == {("adamw", 1e-3), ("adamw", 1e-2), ("muon", 3e-3), ("muon", 3e-2),
+                     ("mano-v2", 3e-3), ("mano-v2", 3e-2)}
+    assert all(r.steps == 1465 and r.seed == 0 for r in plan[len(best_lr_runs):])
+    # a full schedule per budget, not a truncation: warmup is 10 % of that budget's steps
+    assert "optim.warmup_steps=49" in schedule_overrides(488) and "train.steps=488" in schedule_overrides(488)
+    assert "optim.warmup_steps=15" in schedule_overrides(150)  # the short study's schedule
+
+
+def test_edge_extension_steps_outward_only_when_the_best_lr_is_on_an_edge():
+    def sweep(opt, losses):
+        return {Run(opt, lr, 0, 100): v for lr, v in losses.items()}
+
+    finals = {**sweep("adamw", {1e-3: 5.0, 3e-3: 5.2, 1e-2: 5.5}),     # best on the low edge
+              **sweep("muon", {3e-3: 5.0, 1e-2: 4.8, 3e-2: 4.9}),      # inside: nothing to add
+              **sweep("mano-v2", {3e-3: 6.0, 1e-2: 5.9, 3e-2: math.nan, 1e-1: 5.8})}  # high edge, one nan
+    finals[Run("adamw", 3e-4, 1, 100)] = 4.0  # another seed is not part of the sweep
+    assert edge_extensions(finals, OPTS, 100, 0) == [Run("adamw", 3e-4, 0, 100), Run("mano-v2", 3e-1, 0, 100)]
+    assert edge_extensions(sweep("adamw", {1e-3: 5.0, 3e-3: 5.2}), OPTS, 100, 0) == []  # not a sweep yet
+
+
+def _fake_run(out, run, val_losses, elapsed=None):
+    folder = scaling_dir(out, run)
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        for i, v in enumerate(val_losses, 1):
+            step = run.steps * i // len(val_losses)
+            f.write(json.dumps({"step": step, "loss": 9.0, "tokens": step * 2048, "val_loss": v}) + "\n")
+    if elapsed:
+        (folder / "elapsed_s").write_text(f"{elapsed}\n")
+
+
+def test_cached_runs_are_not_retrained(tmp_path, monkeypatch):
+    done, missing, unfinished = Run("adamw", 3e-3, 0, 4), Run("muon", 1e-2, 0, 4), Run("mano-v2", 1e-2, 0, 8)
+    _fake_run(tmp_path, done, [6.0, 5.0])
+    _fake_run(tmp_path, unfinished, [6.0])
+    (scaling_dir(tmp_path, unfinished) / "metrics.jsonl").write_text(  # stopped at step 4 of 8
+        json.dumps({"step": 4, "loss": 9.0, "tokens": 8192, "val_loss": 6.0}) + "\n")
+    launched = []
+
+    def fake_call(cmd, **kw):
+        folder = cmd[cmd.index("--out-dir") + 1]
+        launched.append(folder)
+        steps = int(next(c for c in cmd if c.startswith("train.steps=")).split("=")[1])
+        (Path(folder) / "metrics.jsonl").write_text(
+            json.dumps({"step": steps, "loss": 9.0, "tokens": steps * 2048, "val_loss": 4.0}) + "\n")
+        return 0
+
+    monkeypatch.setattr(compare.subprocess, "call", fake_call)
+    assert train_all("configs/llama_study.toml", tmp_path, [done, missing, unfinished], jobs=2) == []
+    assert sorted(launched) == sorted(str(scaling_dir(tmp_path, r)) for r in (missing, unfinished))
+    assert finished_runs(tmp_path) == sorted([done, missing, unfinished], key=lambda r: str(scaling_dir(tmp_path, r)))
+    launched.clear()
+    train_all("configs/llama_study.toml", tmp_path, [done, missing, unfinished], jobs=2)
+    assert launched == []  # a re-run redoes nothing
+
+
+def test_a_deadline_skips_runs_that_would_not_finish_and_keeps_the_priority_order(tmp_path, monkeypatch):
+    big, small, tiny = Run("muon", 1e-2, 0, 1000), Run("adamw", 3e-3, 0, 300), Run("adamw", 3e-3, 1, 100)
+    assert pick_next([big, small, tiny], seconds_left=None, secs_per_step=2.0) == big  # no deadline
+    assert pick_next([big, small, tiny], seconds_left=700, secs_per_step=None) == big  # speed not measured yet
+    assert pick_next([big, small, tiny], seconds_left=700, secs_per_step=2.0) == small
+    assert pick_next([big, small, tiny], seconds_left=100, secs_per_step=2.0) is None
+    # the speed is measured from the runs' own per-step records (tokens / step / tokens_per_s)
+    _fake_run(tmp_path, Run("adamw", 3e-3, 0, 4), [6.0, 5.0])
+    with open(scaling_dir(tmp_path, Run("adamw", 3e-3, 0, 4)) / "metrics.jsonl", "a") as f:
+        for step in (5, 6, 7):
+            f.write(json.dumps({"step": step, "loss": 9.0, "tokens": step * 2048, "tokens_per_s": 1024.0}) + "\n")
+    assert recent_secs_per_step(tmp_path, margin=1.0) == pytest.approx(2.0)
+    launched = []
+    monkeypatch.setattr(compare.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 1)
+    monkeypatch.setattr("launch.scaling.recent_secs_per_step", lambda out: 2.0)
+    unfinished = train_all("configs/llama_study.toml", tmp_path, [big, small, tiny], jobs=1, deadline=time.time() + 700)
+    assert [c[c.index("--out-dir") + 1] for c in launched] == [str(scaling_dir(tmp_path, r)) for r in (small, tiny)]
+    assert unfinished == [small, tiny, big]  # both failed (exit 1), the big one never started
+
+
+def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_path):
+    best = SHORT_STUDY_BEST_LR
+    for steps, base in ((10, 6.0), (30, 5.0)):
+        for seed in (0, 1):
+            _fake_run(tmp_path, Run("adamw", best["adamw"], seed, steps), [9.0, base + 0.1 * seed], elapsed=60)
+            _fake_run(tmp_path, Run("muon", best["muon"], seed, steps), [9.0, base - 0.5 + 0.1 * seed])
+            # Mano: 0.2 behind AdamW at 10 steps, 0.05 behind at 30, for both seeds
+            _fake_run(tmp_path, Run("mano-v2", best["mano-v2"], seed, steps),
+                      [9.0, base + (0.2 if steps == 10 else 0.05) + 0.1 * seed])
+    _fake_run(tmp_path, Run("mano-v2", 3e-2, 0, 30), [9.0, math.nan])  # a diverged lr neighbour
+    for seed in (0, 1):  # an extra: Mano with its fallback at another lr, 0.1 / 0.2 below Mano (6.2, 6.3)
+        _fake_run(tmp_path, Run("mano-v2-fb3e-3", 1e-2, seed, 10), [9.0, 6.2 + 0.1 * seed - 0.1 * (1 + seed)])
+    runs = finished_runs(tmp_path)
+    records = [run_record(scaling_dir(tmp_path, r), r.opt, r.lr, r.seed, r.steps) for r in runs]
+    assert paired_gap(records, "mano-v2", 1e-2, "adamw", 3e-3, 30)["mean"] == pytest.approx(0.05)
+    assert paired_gap(records, "mano-v2", 1e-2, "adamw", 3e-3, 30)["std"] == pytest.approx(0.0, abs=1e-12)
+    assert paired_gap(records, "mano-v2", 1e-2, "muon", 1e-2, 10)["mean"] == pytest.approx(0.7)
+    text = report(tmp_path, runs, OPTS, [10, 30], [0, 1], 2048, docs=tmp_path / "docs", extras=["mano-v2-fb3e-3"])
+    rows = [line for line in text.splitlines() if line.startswith("| 0.06M")]
+    assert rows == ["| 0.06M (30) | 5.050 ± 0.071 (n=2) | 4.550 ± 0.071 (n=2) | 5.100 ± 0.071 (n=2) "
+                    "| +0.050 [+0.050, +0.050] (n=2) | +0.550 [+0.550, +0.550] (n=2) |"]
+    assert "| mano-v2 | 0.01 (short-study best) | s0 5.050, s1 5.150 | 5.100 |\n| mano-v2 | 0.03 | s0 diverged | diverged |" in text
+    assert "Run time: 4 runs, 4.0 min" in text
+    assert "mano-v2 − adamw during the 0.06M runs (paired, at each evaluation): 0.03M +0.000, 0.06M +0.050" in text
+    assert "| mano-v2-fb3e-3 (lr 0.01) | 0.02M (10) | 6.100 ± 0.000 (n=2) | -0.150 [-0.200, -0.100] (n=2) |" in text
+    for folder in (tmp_path, tmp_path / "docs"):
+        assert all((folder / n).stat().st_size > 0 for n in ("scaling_val_loss.png", "scaling_gap.png",
+                                                             "scaling_lr.png", "scaling_curves.png",
+                                                             "scaling_runs.jsonl"))
+    saved = read_jsonl(tmp_path / "docs" / "scaling_runs.jsonl")
+    assert len(saved) == 15 and [r for r in saved if r["lr"] == 3e-2][0]["val_loss"] is None  # JSON null, not NaN
+    # the JSONL alone redraws the same table
+    assert tables(saved, OPTS, [10, 30], best) == tables(records, OPTS, [10, 30], best)

@@ -1,0 +1,251 @@
+"""The token-scaling study: does an optimizer's gap change with more tokens?
+
+    python -m launch.scaling [--out runs/scaling] [--budgets 307200 1e6 3e6] [--seeds 0 1] [--jobs 2]
+
+The convergence study (``launch.compare``) measures one budget (307k tokens). This one trains
+the same model (``configs/llama_study.toml``) at several token budgets, each with its own full
+schedule (10 % warmup, cosine to 0.1x over that budget: a short run is not a truncated long
+one), every optimizer at its best lr from the short study, ``--seeds`` each. At the largest
+budget it also trains the neighbouring lrs of the half-decade grid (about lr / 3 and lr x 3)
+with ``--sweep-seed``, and keeps stepping outward while the best lr sits on an edge of what was
+tried, so a shifted optimum is seen. Runs go in priority order (the best-lr runs first), are
+cached in ``--out/steps<N>/<optimizer>/lr<lr>/seed<s>``, and a re-run only trains what is
+missing before redrawing the plots (``--summarize-only`` trains nothing). ``--until HH:MM``
+starts only runs expected to finish by then at the measured speed (shared machines);
+``--extras`` are side questions run last at the smallest budget. The table, plots and per-run
+JSONL come from ``launch.scaling_report``; ``--from-jsonl`` redraws them without the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import OPTIMIZERS, final_record, train_run
+
+# The short study's optimizers, plus Mano v2 with its AdamW fallback (embeddings, head, norms:
+# most of this small model's weights) at AdamW's best lr instead of Mano's: separates the two lrs.
+STUDY_OPTIMIZERS = {**OPTIMIZERS, "mano-v2-fb3e-3": OPTIMIZERS["mano-v2"] + ["optim.adamw_lr=0.003"]}
+# Best peak lr per optimizer in the short study (docs/benchmarks.md, "Convergence study").
+SHORT_STUDY_BEST_LR = {"adamw": 3e-3, "muon": 1e-2, "mano-v1": 1e-2, "mano-v2": 1e-2, "mano-both": 1e-2,
+                       "muonmax": 1e-2, "momo-mano": 1e-2, "mano-v2-fb3e-3": 1e-2}
+# The short study's half-decade grid, extended one point each way for edge extensions.
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+WARMUP_FRACTION = 0.1  # the paper's and the short study's 10 % warmup
+EVALS_PER_RUN = 6
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    opt: str
+    lr: float
+    seed: int
+    steps: int
+
+
+def budget_steps(tokens: float, tokens_per_step: int) -> int:
+    """Steps that spend ``tokens``, rounded (307200 tokens at 2048 per step: the short study's 150)."""
+    return max(1, round(tokens / tokens_per_step))
+
+
+def schedule_overrides(steps: int) -> list[str]:
+    """A full schedule for this budget: warmup and cosine span ``steps``, evaluations spread over it."""
+    return [f"train.steps={steps}", f"optim.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
+            f"train.eval_every={max(1, math.ceil(steps / EVALS_PER_RUN))}",
+            f"train.log_every={max(1, math.ceil(steps / 20))}", f"train.checkpoint_every={steps}"]
+
+
+def run_sets(run: Run) -> list[str]:
+    return STUDY_OPTIMIZERS[run.opt] + [f"optim.lr={run.lr}", f"train.seed={run.seed}"] + schedule_overrides(run.steps)
+
+
+def scaling_dir(out: Path, run: Run) -> Path:
+    return out / f"steps{run.steps}" / run.opt / f"lr{run.lr:g}" / f"seed{run.seed}"
+
+
+def grid_neighbours(lr: float, grid: tuple[float, ...] = LR_GRID) -> tuple[float | None, float | None]:
+    """The grid points just below and above ``lr`` (None past the grid's ends)."""
+    i = min(range(len(grid)), key=lambda k: abs(math.log(grid[k] / lr)))
+    return (grid[i - 1] if i > 0 else None), (grid[i + 1] if i + 1 < len(grid) else None)
+
+
+def scaling_plan(opts: list[str], steps: list[int], seeds: list[int], best_lr: dict[str, float],
+                 sweep_seed: int, extras: list[str] = ()) -> list[Run]:
+    """Every run of the study, most valuable first.
+
+    Order: the first seed at the best lr on every budget (largest first: the trend, one seed),
+    then the other seeds (cheapest budget first: the seed spread), then the lr neighbours at the
+    largest budget (one optimizer's pair at a time, so a partial study still shows complete lr
+    curves), then ``extras`` (side questions) at the smallest budget with every seed. A study cut
+    short therefore loses its least valuable points."""
+    by_size = sorted(set(steps), reverse=True)
+    plan = [Run(o, best_lr[o], seeds[0], n) for n in by_size for o in opts]
+    plan += [Run(o, best_lr[o], s, n) for s in seeds[1:] for n in reversed(by_size) for o in opts]
+    for o in opts:
+        plan += [Run(o, lr, sweep_seed, by_size[0]) for lr in grid_neighbours(best_lr[o]) if lr is not None]
+    plan += [Run(o, best_lr[o], s, by_size[-1]) for s in seeds for o in extras]
+    seen: set[Run] = set()
+    return [r for r in plan if not (r in seen or seen.add(r))]
+
+
+def edge_extensions(finals: dict[Run, float], opts: list[str], steps: int, sweep_seed: int) -> list[Run]:
+    """One more lr per optimizer whose best (``sweep_seed``, ``steps``) lr is the lowest or highest
+    it tried: the next grid point outward. Empty when every optimum is inside what was tried."""
+    extra = []
+    for o in opts:
+        tried = {r.lr: v for r, v in finals.items() if r.opt == o and r.steps == steps and r.seed == sweep_seed}
+        if len(tried) < 3:  # not a sweep yet (or an unfinished one): nothing to extend
+            continue
+        best = min(tried, key=lambda lr: tried[lr] if math.isfinite(tried[lr]) else math.inf)
+        lo, hi = grid_neighbours(best)
+        if best == min(tried) and lo is not None:
+            extra.append(Run(o, lo, sweep_seed, steps))
+        elif best == max(tried) and hi is not None:
+            extra.append(Run(o, hi, sweep_seed, steps))
+    return extra
+
+
+def final_losses(out: Path, runs: list[Run]) -> dict[Run, float]:
+    """Final validation loss of every finished run (nan for a diverged one)."""
+    finals = {}
+    for r in runs:
+        rec = final_record(scaling_dir(out, r), r.steps)
+        if rec is not None:
+            finals[r] = rec["val_loss"] if rec["val_loss"] is not None else math.nan
+    return finals
+
+
+def finished_runs(out: Path) -> list[Run]:
+    """Every run folder under ``out`` that reached its last step, whatever plan made it."""
+    runs = []
+    for folder in sorted(out.glob("steps*/*/lr*/seed*")):
+        run = Run(folder.parent.parent.name, float(folder.parent.name[2:]), int(folder.name[4:]),
+                  int(folder.parent.parent.parent.name[5:]))
+        if final_record(folder, run.steps):
+            runs.append(run)
+    return runs
+
+
+def pick_next(queue: list[Run], seconds_left: float | None, secs_per_step: float | None) -> Run | None:
+    """The first queued run expected to finish in the time left; any run without a deadline or
+    before a speed was measured. Lets a study on shared cores end on time with its best points."""
+    for run in queue:
+        if seconds_left is None or secs_per_step is None or run.steps * secs_per_step <= seconds_left:
+            return run
+    return None
+
+
+def recent_secs_per_step(out: Path, window_s: float = 900, last: int = 300, margin: float = 1.2) -> float | None:
+    """Seconds per training step now: the median over the last ``last`` steps of every run under
+    ``out`` written to in the last ``window_s`` (so under the machine's current load), plus a
+    margin for evaluations and load swings (50 steps and 10 % once let a run start that the next
+    minutes' load would have made too long). None before any run has logged a step."""
+    secs = []
+    now = time.time()
+    for path in out.glob("steps*/*/lr*/seed*/metrics.jsonl"):
+        if now - path.stat().st_mtime > window_s:
+            continue
+        recs = [json.loads(line) for line in path.read_text().splitlines()[-last:] if line.strip()]
+        secs += [r["tokens"] / r["step"] / r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+    return margin * statistics.median(secs) if secs else None
+
+
+def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: float | None = None) -> list[Run]:
+    """Train the unfinished ``runs`` in order, ``jobs`` at a time; returns those that did not
+    finish (failed, or not started for the deadline).
+
+    With a ``deadline`` (epoch seconds) a free slot takes the first run expected to finish by
+    then at the measured speed, and stops when none is; what was not started is printed."""
+    queue = [r for r in runs if not final_record(scaling_dir(out, r), r.steps)]
+    lock = threading.Lock()
+    failed: list[Run] = []
+
+    def worker():
+        while True:
+            with lock:
+                left = None if deadline is None else deadline - time.time()
+                run = pick_next(queue, left, recent_secs_per_step(out) if deadline else None)
+                if run is None:
+                    return
+                queue.remove(run)
+            folder, secs, rc = train_run(config, scaling_dir(out, run), run_sets(run), run.steps)
+            status = "done" if rc == 0 else f"FAILED (exit {rc}, see {folder}/train.log)"
+            print(f"{time.strftime('%H:%M:%S')} {folder}: {status} in {secs:.0f} s", flush=True)
+            if rc:
+                with lock:
+                    failed.append(run)
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if queue:
+        print(f"not started (would not finish by the deadline): {queue}", flush=True)
+    return failed + queue
+
+
+def _today_at(hhmm: str) -> float:
+    hours, minutes = map(int, hhmm.split(":"))
+    now = time.localtime()
+    return time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hours, minutes, 0, 0, 0, -1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.scaling", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/llama_study.toml")
+    ap.add_argument("--out", type=Path, default=Path("runs/scaling"))
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "mano-v2"], choices=list(STUDY_OPTIMIZERS))
+    ap.add_argument("--extras", nargs="*", default=["mano-v2-fb3e-3"], choices=list(STUDY_OPTIMIZERS),
+                    help="run last, at the smallest budget only (in the table, not the plots)")
+    ap.add_argument("--budgets", nargs="+", type=float, default=[307200, 1e6, 3e6],
+                    help="tokens per run (307200 = the short study's 150 steps)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--sweep-seed", type=int, default=0, help="the seed of the lr neighbours at the largest budget")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--docs", type=Path, default=None, help="also write the plots and the JSONL here")
+    ap.add_argument("--until", default=None, metavar="HH:MM",
+                    help="start only runs expected to finish by this local time today (shared machines)")
+    ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--from-jsonl", type=Path, default=None,
+                    help="redraw the table and plots from a records file (e.g. docs/scaling_runs.jsonl), no runs needed")
+    args = ap.parse_args(argv)
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    steps = [budget_steps(b, tokens_per_step) for b in args.budgets]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.summarize_only or args.from_jsonl):
+        from .data import prepare
+
+        prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
+        plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed, args.extras)
+        deadline = _today_at(args.until) if args.until else None
+        t0 = time.perf_counter()
+        unfinished = train_all(args.config, args.out, plan, args.jobs, deadline)
+        while extra := [r for r in edge_extensions(final_losses(args.out, finished_runs(args.out)),
+                                                   args.optimizers, max(steps), args.sweep_seed)
+                        if r not in unfinished]:
+            print(f"best lr on an edge: adding {extra}", flush=True)
+            unfinished += train_all(args.config, args.out, extra, args.jobs, deadline)
+        print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min; {len(unfinished)} runs did not finish",
+              flush=True)
+    from .scaling_report import read_jsonl, report
+
+    records = read_jsonl(args.from_jsonl) if args.from_jsonl else None
+    runs = [] if records is not None else finished_runs(args.out)
+    print(report(args.out, runs, args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records, args.extras))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
