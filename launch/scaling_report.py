@@ -142,6 +142,13 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     def tokens_of(n):  # in millions
         return next((r["tokens"] / 1e6 for r in records if r["steps"] == n), math.nan)
 
+    def finish(fig, ax, path, which="major"):
+        ax.grid(alpha=0.3, which=which)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
     def budget_ticks(ax):
         ticks = [t for t in map(tokens_of, ns) if math.isfinite(t)]
         ax.set_xticks(ticks, [f"{t:.2f}M" for t in ticks])
@@ -166,11 +173,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     ax.set(xscale="log", xlabel="tokens (own warmup + cosine schedule per budget)", ylabel="final validation loss",
            title="token scaling: final validation loss (mean, min-max over seeds)")
     budget_ticks(ax)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, paths[0], which="both")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for o in opts:
@@ -181,11 +184,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     ax.set(xscale="log", xlabel="tokens", ylabel="Δ final validation loss (nat; > 0: Mano behind)",
            title=f"{mano}'s gap, paired by seed (mean, min-max)")
     budget_ticks(ax)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, paths[1], which="both")
 
     big = max(steps)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -202,11 +201,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
             ax.scatter(*zip(*others), marker="x", color=color[o], label=f"{o}, other seeds")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel=f"final validation loss ({big} steps)",
            title=f"lr sensitivity at {tokens_of(big):.2f}M tokens")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, paths[2], which="both")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for o in opts:  # inside the largest budget's runs: is anyone behind early and ahead in the decay?
@@ -222,11 +217,7 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
                         alpha=0.2, color=color[o])
     ax.set(xlabel="tokens (millions)", ylabel="validation loss",
            title=f"validation loss during the {tokens_of(big):.2f}M-token runs (warmup + cosine)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[3], dpi=120)
-    plt.close(fig)
+    finish(fig, ax, paths[3])
     return paths
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .memory import _peak_bytes, _reset_peak  # the same /proc counters as the dense bench
+
 PEERS = {"adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
          "cpuadam": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}
 MANO = {"type": "Mano", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1, "nonfinite": "ignore"}}
@@ -100,22 +102,9 @@ def persistent_bytes_per_element(optimizer, partitions: list) -> float:
     return held / max(1, sum(p.numel() for p in partitions))
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class StepProbe:
