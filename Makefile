@@ -62,7 +62,7 @@ compare: $(VENV)/.installed
 # 2 idle cores by the short study's speed): finished runs are cached in runs/scaling/, plots and JSONL land in docs/.
 .PHONY: scaling
 scaling: $(VENV)/.installed
-	$(PY) -m launch.scaling --out runs/scaling --docs docs
+	$(PY) -m launch.scaling --out runs/scaling --docs docs --records docs/scaling_runs.jsonl
 
 plan: $(VENV)/.installed
 	$(PY) -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8

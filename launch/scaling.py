@@ -10,7 +10,9 @@ budget it also trains the neighbouring lrs of the half-decade grid (about lr / 3
 with ``--sweep-seed``, and keeps stepping outward while the best lr sits on an edge of what was
 tried, so a shifted optimum is seen. Runs go in priority order (the best-lr runs first), are
 cached in ``--out/steps<N>/<optimizer>/lr<lr>/seed<s>``, and a re-run only trains what is
-missing before redrawing the plots (``--summarize-only`` trains nothing). ``--until HH:MM``
+missing before redrawing the plots (``--summarize-only`` trains nothing). ``--records FILE``
+counts the runs of a records file (the committed ``docs/scaling_runs.jsonl``) as done too, so a
+fresh checkout trains only what the study still lacks. ``--until HH:MM``
 starts only runs expected to finish by then at the measured speed (shared machines);
 ``--extras`` are side questions run last at the smallest budget. The table, plots and per-run
 JSONL come from ``launch.scaling_report``; ``--from-jsonl`` redraws them without the runs.
@@ -132,6 +134,32 @@ def finished_runs(out: Path) -> list[Run]:
     return runs
 
 
+def recorded_runs(path: Path, tokens_per_step: int) -> dict[Run, dict]:
+    """The runs a records file already holds, by run: they count as done (not retrained) and go
+    into the report. A record made with another batch geometry would mix two studies, so it is
+    refused, as is a missing file (a typo must not silently retrain the whole study)."""
+    from .scaling_report import read_jsonl
+
+    if not path.is_file():
+        raise SystemExit(f"--records {path}: no such file (omit --records to train every run)")
+    runs = {}
+    for rec in read_jsonl(path):
+        if rec["tokens"] != rec["steps"] * tokens_per_step:
+            raise SystemExit(f"--records {path}: {rec['opt']} seed {rec['seed']} ran {rec['tokens']} tokens in "
+                             f"{rec['steps']} steps, not {tokens_per_step} per step as this config does; "
+                             f"omit --records to train every run")
+        runs[Run(rec["opt"], rec["lr"], rec["seed"], rec["steps"])] = rec
+    return runs
+
+
+def merged_records(out: Path, known: dict[Run, dict]) -> list[dict]:
+    """Every finished run's record: the runs under ``out`` (fresh) and the known ones they do not redo."""
+    from .scaling_report import run_record
+
+    fresh = {r: run_record(scaling_dir(out, r), r.opt, r.lr, r.seed, r.steps) for r in finished_runs(out)}
+    return list({**known, **fresh}.values())
+
+
 def pick_next(queue: list[Run], seconds_left: float | None, secs_per_step: float | None) -> Run | None:
     """The first queued run expected to finish in the time left; any run without a deadline or
     before a speed was measured. Lets a study on shared cores end on time with its best points."""
@@ -191,6 +219,12 @@ def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: floa
     return failed + queue
 
 
+def _finals(out: Path, known: dict[Run, dict]) -> dict[Run, float]:
+    """Final validation loss of every finished run, fresh or known (nan: diverged)."""
+    finals = {r: math.nan if rec["val_loss"] is None else rec["val_loss"] for r, rec in known.items()}
+    return {**finals, **final_losses(out, finished_runs(out))}
+
+
 def _today_at(hhmm: str) -> float:
     hours, minutes = map(int, hhmm.split(":"))
     now = time.localtime()
@@ -213,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=Path, default=None, help="also write the plots and the JSONL here")
     ap.add_argument("--until", default=None, metavar="HH:MM",
                     help="start only runs expected to finish by this local time today (shared machines)")
+    ap.add_argument("--records", type=Path, default=None, metavar="JSONL",
+                    help="runs in this records file (e.g. docs/scaling_runs.jsonl) count as done and are "
+                         "reported with the fresh ones")
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--from-jsonl", type=Path, default=None,
                     help="redraw the table and plots from a records file (e.g. docs/scaling_runs.jsonl), no runs needed")
@@ -224,6 +261,7 @@ def main(argv=None) -> int:
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     steps = [budget_steps(b, tokens_per_step) for b in args.budgets]
     args.out.mkdir(parents=True, exist_ok=True)
+    known = recorded_runs(args.records, tokens_per_step) if args.records else {}
     if not (args.summarize_only or args.from_jsonl):
         from .data import prepare
 
@@ -231,8 +269,8 @@ def main(argv=None) -> int:
         plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed, args.extras)
         deadline = _today_at(args.until) if args.until else None
         t0 = time.perf_counter()
-        unfinished = train_all(args.config, args.out, plan, args.jobs, deadline)
-        while extra := [r for r in edge_extensions(final_losses(args.out, finished_runs(args.out)),
+        unfinished = train_all(args.config, args.out, [r for r in plan if r not in known], args.jobs, deadline)
+        while extra := [r for r in edge_extensions(_finals(args.out, known),
                                                    args.optimizers, max(steps), args.sweep_seed)
                         if r not in unfinished]:
             print(f"best lr on an edge: adding {extra}", flush=True)
@@ -241,9 +279,8 @@ def main(argv=None) -> int:
               flush=True)
     from .scaling_report import read_jsonl, report
 
-    records = read_jsonl(args.from_jsonl) if args.from_jsonl else None
-    runs = [] if records is not None else finished_runs(args.out)
-    print(report(args.out, runs, args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records, args.extras))
+    records = read_jsonl(args.from_jsonl) if args.from_jsonl else merged_records(args.out, known)
+    print(report(args.out, [], args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records, args.extras))
     return 0
 
 

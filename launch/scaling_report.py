@@ -144,7 +144,8 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
 
     def finish(fig, ax, path, which="major"):
         ax.grid(alpha=0.3, which=which)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # e.g. no gap lines without Mano in the study
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

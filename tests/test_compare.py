@@ -1,7 +1,7 @@
 """The studies' bookkeeping. Short study: finished runs are recognised, the best lr is picked per
 optimizer, diverged runs are marked (not averaged in), and both plots are written. Token-scaling
 study: the plan's budgets and priority order, lr-edge extensions, caching (a re-run trains only
-what is missing), and the table, paired gaps, plots and JSONL from fake runs."""
+what is missing, from its run folders or a committed records file), and the table, paired gaps, plots and JSONL from fake runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import compare
+from launch import compare, scaling
 from launch.compare import final_record, run_dir, summarize
 from launch.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, pick_next,
                             recent_secs_per_step, scaling_dir, scaling_plan, schedule_overrides, train_all)
@@ -179,3 +179,45 @@ def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_pat
     assert len(saved) == 15 and [r for r in saved if r["lr"] == 3e-2][0]["val_loss"] is None  # JSON null, not NaN
     # the JSONL alone redraws the same table
     assert tables(saved, OPTS, [10, 30], best) == tables(records, OPTS, [10, 30], best)
+
+
+def _record(run, val_loss, tokens_per_step=2048):
+    return {"opt": run.opt, "lr": run.lr, "seed": run.seed, "steps": run.steps, "tokens": run.steps * tokens_per_step,
+            "val_loss": val_loss, "curve": [[run.steps * tokens_per_step, val_loss]], "elapsed_s": 60.0}
+
+
+def test_a_records_file_counts_as_done_and_joins_the_report(tmp_path, monkeypatch):
+    """A fresh checkout has no run folders, only the committed JSONL: ``--records`` makes the study
+    train just what that file lacks (edge extensions included) and report both together."""
+    known_small, known_big = Run("adamw", 3e-3, 0, 2), Run("muon", 1e-2, 0, 4)
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps(_record(known_small, 4.0)) + "\n" + json.dumps(_record(known_big, 4.5)) + "\n")
+    launched = []
+
+    def fake_call(cmd, **kw):  # loss grows with the distance from lr 3e-3: Muon's best is its low edge
+        folder = cmd[cmd.index("--out-dir") + 1]
+        sets = dict(c.split("=", 1) for c in cmd if "=" in c)
+        steps, lr = int(sets["train.steps"]), float(sets["optim.lr"])
+        launched.append((sets["optim.name"], lr, steps))
+        (Path(folder) / "metrics.jsonl").write_text(json.dumps(
+            {"step": steps, "loss": 9.0, "tokens": steps * 2048, "val_loss": 4.0 + abs(math.log10(lr / 3e-3))}) + "\n")
+        return 0
+
+    monkeypatch.setattr(compare.subprocess, "call", fake_call)
+    monkeypatch.setattr("launch.data.prepare", lambda *a, **k: None)
+    argv = ["--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), "--optimizers", "adamw", "muon",
+            "--extras", "--budgets", "4096", "8192", "--seeds", "0", "--jobs", "1", "--records", str(records)]
+    assert scaling.main(argv) == 0
+    assert sorted(launched) == sorted([("adamw", 3e-3, 4), ("muon", 1e-2, 2), ("adamw", 1e-3, 4), ("adamw", 1e-2, 4),
+                                       ("muon", 3e-3, 4), ("muon", 3e-2, 4),
+                                       ("muon", 1e-3, 4)])  # Muon's best (3e-3) was its lowest: one more
+    saved = {(r["opt"], r["lr"], r["steps"]): r["val_loss"] for r in read_jsonl(tmp_path / "docs" / "scaling_runs.jsonl")}
+    assert len(saved) == 9 and saved[("adamw", 3e-3, 2)] == 4.0 and saved[("muon", 1e-2, 4)] == 4.5
+    launched.clear()
+    assert scaling.main(argv) == 0 and launched == []  # the folders now hold the rest
+
+    records.write_text(json.dumps(_record(known_small, 4.0, tokens_per_step=1024)) + "\n")
+    with pytest.raises(SystemExit, match="not 2048 per step"):
+        scaling.main(argv)
+    with pytest.raises(SystemExit, match="no such file"):
+        scaling.main(argv[:-1] + [str(tmp_path / "missing.jsonl")])
