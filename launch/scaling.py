@@ -12,7 +12,10 @@ tried, so a shifted optimum is seen. Runs go in priority order (the best-lr runs
 cached in ``--out/steps<N>/<optimizer>/lr<lr>/seed<s>``, and a re-run only trains what is
 missing before redrawing the plots (``--summarize-only`` trains nothing). ``--records FILE``
 counts the runs of a records file (the committed ``docs/scaling_runs.jsonl``) as done too, so a
-fresh checkout trains only what the study still lacks. ``--until HH:MM``
+fresh checkout trains only what the study still lacks. Every run is stamped with a fingerprint
+of what it starts from (initial weights, first batch, validation windows); a cached run or record
+whose fingerprint this checkout does not reproduce was made by other code or data, and is
+retrained or refused rather than compared with fresh runs. ``--until HH:MM``
 starts only runs expected to finish by then at the measured speed (shared machines);
 ``--extras`` are side questions run last at the smallest budget. The table, plots and per-run
 JSONL come from ``launch.scaling_report``; ``--from-jsonl`` redraws them without the runs.
@@ -123,21 +126,61 @@ def final_losses(out: Path, runs: list[Run]) -> dict[Run, float]:
     return finals
 
 
-def finished_runs(out: Path) -> list[Run]:
-    """Every run folder under ``out`` that reached its last step, whatever plan made it."""
+FINGERPRINT = "fingerprint"  # the file in a run folder
+
+
+def study_fingerprint(config: str, seed: int) -> str:
+    """What a run with ``seed`` starts from, as this checkout builds it: a hash of the initial
+    weights, the first global batch and the validation windows (one process, about a second for
+    the study's model). The optimizer's code is not in it; the model's, the init's and the data
+    order's are, which is what silently differs between two checkouts' runs of one config."""
+    import hashlib
+
+    from .config import load_config
+    from .data import open_dataset
+    from .model import Llama, init_weights
+
+    cfg = load_config(config, [f"train.seed={seed}"])
+    model = Llama(cfg.model)
+    init_weights(model, seed)
+    data = open_dataset(cfg.data, cfg.model.vocab_size, cfg.train)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    for tensor in (data.sampler.batch(0, cfg.train.global_batch), data.val_windows):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(folder: Path) -> str | None:
+    path = folder / FINGERPRINT
+    return path.read_text().strip() if path.is_file() else None
+
+
+def is_done(folder: Path, run: Run, fingerprints: dict[int, str] | None) -> bool:
+    """Finished, and (given ``fingerprints``) from the same starting point this checkout builds."""
+    return bool(final_record(folder, run.steps)) and (
+        fingerprints is None or run_fingerprint(folder) == fingerprints[run.seed])
+
+
+def finished_runs(out: Path, fingerprints: dict[int, str] | None = None) -> list[Run]:
+    """Every run folder under ``out`` that reached its last step, whatever plan made it (and,
+    given ``fingerprints``, whose fingerprint matches its seed's)."""
     runs = []
     for folder in sorted(out.glob("steps*/*/lr*/seed*")):
         run = Run(folder.parent.parent.name, float(folder.parent.name[2:]), int(folder.name[4:]),
                   int(folder.parent.parent.parent.name[5:]))
-        if final_record(folder, run.steps):
+        if is_done(folder, run, fingerprints if fingerprints and run.seed in fingerprints else None):
             runs.append(run)
     return runs
 
 
-def recorded_runs(path: Path, tokens_per_step: int) -> dict[Run, dict]:
+def recorded_runs(path: Path, tokens_per_step: int, fingerprints: dict[int, str]) -> dict[Run, dict]:
     """The runs a records file already holds, by run: they count as done (not retrained) and go
-    into the report. A record made with another batch geometry would mix two studies, so it is
-    refused, as is a missing file (a typo must not silently retrain the whole study)."""
+    into the report. A record made with another batch geometry or from another starting point
+    (its fingerprint is not this checkout's for its seed) would mix two studies, so it is refused,
+    as is a missing file (a typo must not silently retrain the whole study)."""
     from .scaling_report import read_jsonl
 
     if not path.is_file():
@@ -148,15 +191,21 @@ def recorded_runs(path: Path, tokens_per_step: int) -> dict[Run, dict]:
             raise SystemExit(f"--records {path}: {rec['opt']} seed {rec['seed']} ran {rec['tokens']} tokens in "
                              f"{rec['steps']} steps, not {tokens_per_step} per step as this config does; "
                              f"omit --records to train every run")
+        if rec.get("fingerprint") != fingerprints[rec["seed"]]:
+            raise SystemExit(f"--records {path}: {rec['opt']} lr {rec['lr']:g} seed {rec['seed']} ({rec['steps']} steps) "
+                             f"started from fingerprint {rec.get('fingerprint')}, this checkout builds "
+                             f"{fingerprints[rec['seed']]} for seed {rec['seed']}: the records were made by other "
+                             f"model, init or data code; omit --records to train every run")
         runs[Run(rec["opt"], rec["lr"], rec["seed"], rec["steps"])] = rec
     return runs
 
 
-def merged_records(out: Path, known: dict[Run, dict]) -> list[dict]:
+def merged_records(out: Path, known: dict[Run, dict], fingerprints: dict[int, str] | None = None) -> list[dict]:
     """Every finished run's record: the runs under ``out`` (fresh) and the known ones they do not redo."""
     from .scaling_report import run_record
 
-    fresh = {r: run_record(scaling_dir(out, r), r.opt, r.lr, r.seed, r.steps) for r in finished_runs(out)}
+    fresh = {r: run_record(scaling_dir(out, r), r.opt, r.lr, r.seed, r.steps)
+             for r in finished_runs(out, fingerprints)}
     return list({**known, **fresh}.values())
 
 
@@ -184,13 +233,22 @@ def recent_secs_per_step(out: Path, window_s: float = 900, last: int = 300, marg
     return margin * statistics.median(secs) if secs else None
 
 
-def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: float | None = None) -> list[Run]:
+def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: float | None = None,
+              fingerprints: dict[int, str] | None = None) -> list[Run]:
     """Train the unfinished ``runs`` in order, ``jobs`` at a time; returns those that did not
     finish (failed, or not started for the deadline).
 
     With a ``deadline`` (epoch seconds) a free slot takes the first run expected to finish by
-    then at the measured speed, and stops when none is; what was not started is printed."""
-    queue = [r for r in runs if not final_record(scaling_dir(out, r), r.steps)]
+    then at the measured speed, and stops when none is; what was not started is printed. With
+    ``fingerprints`` (seed -> ``study_fingerprint``) each run folder is stamped before training,
+    and a finished folder stamped otherwise (or not at all) is trained again."""
+    queue = [r for r in runs if not is_done(scaling_dir(out, r), r, fingerprints)]
+    for r in queue:
+        folder = scaling_dir(out, r)
+        if final_record(folder, r.steps):
+            print(f"{folder}: finished from fingerprint {run_fingerprint(folder)}, not "
+                  f"{fingerprints[r.seed]}: training it again", flush=True)
+            (folder / "metrics.jsonl").unlink()
     lock = threading.Lock()
     failed: list[Run] = []
 
@@ -202,6 +260,9 @@ def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: floa
                 if run is None:
                     return
                 queue.remove(run)
+            if fingerprints is not None:
+                scaling_dir(out, run).mkdir(parents=True, exist_ok=True)
+                (scaling_dir(out, run) / FINGERPRINT).write_text(fingerprints[run.seed] + "\n")
             folder, secs, rc = train_run(config, scaling_dir(out, run), run_sets(run), run.steps)
             status = "done" if rc == 0 else f"FAILED (exit {rc}, see {folder}/train.log)"
             print(f"{time.strftime('%H:%M:%S')} {folder}: {status} in {secs:.0f} s", flush=True)
@@ -219,10 +280,10 @@ def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: floa
     return failed + queue
 
 
-def _finals(out: Path, known: dict[Run, dict]) -> dict[Run, float]:
+def _finals(out: Path, known: dict[Run, dict], fingerprints: dict[int, str]) -> dict[Run, float]:
     """Final validation loss of every finished run, fresh or known (nan: diverged)."""
     finals = {r: math.nan if rec["val_loss"] is None else rec["val_loss"] for r, rec in known.items()}
-    return {**finals, **final_losses(out, finished_runs(out))}
+    return {**finals, **final_losses(out, finished_runs(out, fingerprints))}
 
 
 def _today_at(hhmm: str) -> float:
@@ -261,26 +322,36 @@ def main(argv=None) -> int:
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     steps = [budget_steps(b, tokens_per_step) for b in args.budgets]
     args.out.mkdir(parents=True, exist_ok=True)
-    known = recorded_runs(args.records, tokens_per_step) if args.records else {}
-    if not (args.summarize_only or args.from_jsonl):
-        from .data import prepare
+    if args.from_jsonl:  # a redraw: no runs, no checkout to compare them with
+        from .scaling_report import read_jsonl, report
 
-        prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
+        print(report(args.out, [], args.optimizers, steps, args.seeds, tokens_per_step, args.docs,
+                     read_jsonl(args.from_jsonl), args.extras))
+        return 0
+    from .data import prepare
+
+    prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
+    record_seeds = {json.loads(line)["seed"] for line in args.records.read_text().splitlines() if line.strip()} \
+        if args.records and args.records.is_file() else set()
+    fingerprints = {s: study_fingerprint(args.config, s) for s in {*args.seeds, args.sweep_seed, *record_seeds}}
+    known = recorded_runs(args.records, tokens_per_step, fingerprints) if args.records else {}
+    if not args.summarize_only:
         plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed, args.extras)
         deadline = _today_at(args.until) if args.until else None
         t0 = time.perf_counter()
-        unfinished = train_all(args.config, args.out, [r for r in plan if r not in known], args.jobs, deadline)
-        while extra := [r for r in edge_extensions(_finals(args.out, known),
+        unfinished = train_all(args.config, args.out, [r for r in plan if r not in known], args.jobs, deadline,
+                               fingerprints)
+        while extra := [r for r in edge_extensions(_finals(args.out, known, fingerprints),
                                                    args.optimizers, max(steps), args.sweep_seed)
                         if r not in unfinished]:
             print(f"best lr on an edge: adding {extra}", flush=True)
-            unfinished += train_all(args.config, args.out, extra, args.jobs, deadline)
+            unfinished += train_all(args.config, args.out, extra, args.jobs, deadline, fingerprints)
         print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min; {len(unfinished)} runs did not finish",
               flush=True)
-    from .scaling_report import read_jsonl, report
+    from .scaling_report import report
 
-    records = read_jsonl(args.from_jsonl) if args.from_jsonl else merged_records(args.out, known)
-    print(report(args.out, [], args.optimizers, steps, args.seeds, tokens_per_step, args.docs, records, args.extras))
+    print(report(args.out, [], args.optimizers, steps, args.seeds, tokens_per_step, args.docs,
+                 merged_records(args.out, known, fingerprints), args.extras))
     return 0
 
 

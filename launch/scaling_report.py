@@ -1,7 +1,8 @@
 """The token-scaling study's records, table and plots, computed from per-run records only.
 
 A record is one finished run: ``{"opt", "lr", "seed", "steps", "tokens", "val_loss", "curve",
-"elapsed_s"}`` with ``curve`` the [tokens, validation loss] pairs of its evaluations. They are
+"elapsed_s", "fingerprint"}`` with ``curve`` the [tokens, validation loss] pairs of its evaluations
+and ``fingerprint`` what it started from (``launch.scaling.study_fingerprint``). They are
 written as JSONL next to the plots, so anyone can redraw them (``--from-jsonl``) without the runs.
 Gaps between optimizers are paired by seed: a seed fixes the initial weights and the batch
 order for every optimizer, so the per-seed difference removes that shared noise.
@@ -22,11 +23,12 @@ def run_record(folder: Path, opt: str, lr: float, seed: int, steps: int) -> dict
     recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     by_step = {r["step"]: r for r in recs}  # a re-logged step: the last wins
     evals = [by_step[s] for s in sorted(by_step) if "val_loss" in by_step[s]]
-    elapsed = folder / "elapsed_s"
+    elapsed, fingerprint = folder / "elapsed_s", folder / "fingerprint"
     return {"opt": opt, "lr": lr, "seed": seed, "steps": steps, "tokens": evals[-1]["tokens"],
             "val_loss": _finite_or_none(evals[-1]["val_loss"]),
             "curve": [[r["tokens"], _finite_or_none(r["val_loss"])] for r in evals],
-            "elapsed_s": float(elapsed.read_text()) if elapsed.is_file() else None}
+            "elapsed_s": float(elapsed.read_text()) if elapsed.is_file() else None,
+            "fingerprint": fingerprint.read_text().strip() if fingerprint.is_file() else None}
 
 
 def _finite_or_none(x):

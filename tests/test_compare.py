@@ -181,9 +181,10 @@ def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_pat
     assert tables(saved, OPTS, [10, 30], best) == tables(records, OPTS, [10, 30], best)
 
 
-def _record(run, val_loss, tokens_per_step=2048):
+def _record(run, val_loss, tokens_per_step=2048, fingerprint=None):
     return {"opt": run.opt, "lr": run.lr, "seed": run.seed, "steps": run.steps, "tokens": run.steps * tokens_per_step,
-            "val_loss": val_loss, "curve": [[run.steps * tokens_per_step, val_loss]], "elapsed_s": 60.0}
+            "val_loss": val_loss, "curve": [[run.steps * tokens_per_step, val_loss]], "elapsed_s": 60.0,
+            "fingerprint": fingerprint or f"fp{run.seed}"}
 
 
 def test_a_records_file_counts_as_done_and_joins_the_report(tmp_path, monkeypatch):
@@ -205,6 +206,7 @@ def test_a_records_file_counts_as_done_and_joins_the_report(tmp_path, monkeypatc
 
     monkeypatch.setattr(compare.subprocess, "call", fake_call)
     monkeypatch.setattr("launch.data.prepare", lambda *a, **k: None)
+    monkeypatch.setattr("launch.scaling.study_fingerprint", lambda config, seed: f"fp{seed}")
     argv = ["--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), "--optimizers", "adamw", "muon",
             "--extras", "--budgets", "4096", "8192", "--seeds", "0", "--jobs", "1", "--records", str(records)]
     assert scaling.main(argv) == 0
@@ -213,11 +215,34 @@ def test_a_records_file_counts_as_done_and_joins_the_report(tmp_path, monkeypatc
                                        ("muon", 1e-3, 4)])  # Muon's best (3e-3) was its lowest: one more
     saved = {(r["opt"], r["lr"], r["steps"]): r["val_loss"] for r in read_jsonl(tmp_path / "docs" / "scaling_runs.jsonl")}
     assert len(saved) == 9 and saved[("adamw", 3e-3, 2)] == 4.0 and saved[("muon", 1e-2, 4)] == 4.5
+    assert read_jsonl(tmp_path / "docs" / "scaling_runs.jsonl")[0]["fingerprint"] == "fp0"  # stamped, recorded
     launched.clear()
     assert scaling.main(argv) == 0 and launched == []  # the folders now hold the rest
 
+    # a run folder from another starting point (other init or data code) is trained again
+    (scaling_dir(tmp_path / "out", Run("adamw", 1e-3, 0, 4)) / "fingerprint").write_text("old\n")
+    assert scaling.main(argv) == 0 and launched == [("adamw", 1e-3, 4)]
+    records.write_text(json.dumps(_record(known_small, 4.0, fingerprint="old")) + "\n")
+    with pytest.raises(SystemExit, match="started from fingerprint old, this checkout builds fp0"):
+        scaling.main(argv)
     records.write_text(json.dumps(_record(known_small, 4.0, tokens_per_step=1024)) + "\n")
     with pytest.raises(SystemExit, match="not 2048 per step"):
         scaling.main(argv)
     with pytest.raises(SystemExit, match="no such file"):
         scaling.main(argv[:-1] + [str(tmp_path / "missing.jsonl")])
+
+
+def test_the_fingerprint_follows_the_initial_weights_and_data_not_the_optimizer(tmp_path):
+    """Records from a checkout whose init differed (the lean-init change moved every initial
+    weight) must not pass for this checkout's: the fingerprint is what tells them apart."""
+    config = Path("configs/llama_study.toml").read_text()
+    assert "init_std" not in config
+    other_init = tmp_path / "init.toml"
+    other_init.write_text(config.replace("[model]", "[model]\ninit_std = 0.03", 1))
+    other_optim = tmp_path / "optim.toml"
+    other_optim.write_text(config.replace('name = "mano"', 'name = "adamw"').replace("lr = 3e-3", "lr = 1e-2"))
+    base = scaling.study_fingerprint("configs/llama_study.toml", 0)
+    assert scaling.study_fingerprint("configs/llama_study.toml", 0) == base  # reproducible
+    assert scaling.study_fingerprint("configs/llama_study.toml", 1) != base  # per seed
+    assert scaling.study_fingerprint(str(other_init), 0) != base
+    assert scaling.study_fingerprint(str(other_optim), 0) == base
