@@ -180,7 +180,19 @@ def _check_help(call, argv0: str, args: list[str]) -> None:
     assert code in (0, None) and "usage" in out.lower(), f"{argv0} {shlex.join(args)} --help failed ({code}):\n{out}"
 
 
+OUR_PACKAGES = {"launch", "mano_dist", "tests"}
+
+
 def _check_module_help(module: str, args: list[str]) -> None:
+    if module.split(".")[0] not in OUR_PACKAGES:
+        # Another project's program in its own process: importing pip here turned off setuptools'
+        # distutils shim for the rest of this worker, so a later torch.compile in it (the fused
+        # CPU step's test) could not build its kernels.
+        r = _run([sys.executable, "-m", module, *args, "--help"], timeout=60)
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), \
+            f"python -m {module} {shlex.join(args)} --help failed ({r.returncode}):\n{r.stdout}{r.stderr}"
+        return
+
     def run():
         with warnings.catch_warnings():  # runpy warns when the module was imported before (by another check)
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -49,6 +49,10 @@ def test_fused_step_equals_eager(variant, nesterov):
         for got, want in zip(out["fused"], out["eager"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert not torch.equal(out["fused"][0], w0)
+    # The compiled kernels ran: a fallback to eager would make this compare eager with eager (it
+    # once did in CI, when another test's import of pip had broken setuptools' distutils shim).
+    kernels = (fused_cpu.MOMENTUM_DIRECTION, fused_cpu.ROW_SUMS, fused_cpu.COLUMN_SUMS, fused_cpu.APPLY_UPDATE)
+    assert [k.fn.__name__ for k in kernels if k.compiled in (None, False)] == []
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
