@@ -246,3 +246,43 @@ def test_the_fingerprint_follows_the_initial_weights_and_data_not_the_optimizer(
     assert scaling.study_fingerprint("configs/llama_study.toml", 1) != base  # per seed
     assert scaling.study_fingerprint(str(other_init), 0) != base
     assert scaling.study_fingerprint(str(other_optim), 0) == base
+
+
+def test_update_rms_recovers_each_optimizers_step_size():
+    """``launch.update_rms`` measures u in W <- W (1 - lr wd) - lr u: Mano's is 0.2 by its
+    equations (0.2 sqrt(n) times a unit-norm row or column per slice), AdamW's first step is
+    m/sqrt(v) = sign(g) (RMS 1), through the trainer-callback bookkeeping with an lr that changes
+    every step (the meter must pair each step with the lr it used, not the next one)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from launch.update_rms import UpdateMeter, update_rms
+    from mano_dist import Mano, mano_param_groups
+
+    torch.manual_seed(0)
+    w, g = torch.randn(6, 9), torch.randn(6, 9)
+    adam = torch.optim.AdamW([p := nn.Parameter(w.clone())], lr=0.01, weight_decay=0.1, eps=1e-12)
+    p.grad = g
+    adam.step()
+    assert update_rms(w, p.detach(), 0.01, 0.1) == pytest.approx(1.0, rel=1e-5)  # fp32 weights
+
+    model = nn.Sequential(nn.Embedding(32, 8), nn.Linear(8, 12, bias=False), nn.Linear(12, 8, bias=False),
+                          nn.Linear(8, 32, bias=False))
+    opt = Mano(mano_param_groups(model), lr=0.02, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # the lr halves, thirds, ...
+    trainer = SimpleNamespace(engine=SimpleNamespace(module=model, lr=None))
+    meter = UpdateMeter(weight_decay=0.1)
+    for step in range(1, 5):
+        model(torch.randint(0, 32, (4, 5))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        trainer.engine.lr = sched.get_last_lr()[0]
+        meter(trainer, step)
+    assert [s["step"] for s in meter.steps] == [2, 3, 4]
+    assert [s["lr"] for s in meter.steps] == pytest.approx([0.01, 0.02 / 3, 0.005])
+    assert sorted(meter.steps[0]["rms"]) == ["1.weight", "2.weight"]  # the hidden matrices only
+    for s in meter.steps:
+        assert list(s["rms"].values()) == pytest.approx([0.2, 0.2], rel=1e-5)
