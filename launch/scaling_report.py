@@ -91,22 +91,28 @@ def _gap_cell(s: dict) -> str:
     return f"{s['mean']:+.3f}{rng} (n={s['n']})"
 
 
+def gap_pairs(opts: list[str], mano: str = "mano-v2") -> list[tuple[str, str]]:
+    """(Mano variant, rival) pairs whose paired gaps are reported: every Mano variant in the study
+    against every non-Mano optimizer; with ``mano`` alone among the variants, ``mano`` against the rest."""
+    variants = [o for o in opts if o.startswith("mano")] if mano in opts else []
+    return [(m, o) for m in variants for o in opts if o not in variants]
+
+
 def tables(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[str, float],
            mano: str = "mano-v2", extras: list[str] = ()) -> str:
-    """Markdown: final loss per budget at each optimizer's best short-study lr, Mano's paired gaps,
-    the lr sweep at the largest budget (every lr and seed that finished), and the extras' runs
-    with their paired gap to Mano."""
+    """Markdown: final loss per budget at each optimizer's best short-study lr, the Mano variants'
+    paired gaps, the lr sweep at the largest budget (every lr and seed that finished), and the
+    extras' runs with their paired gap to ``mano``."""
     per_step = records[0]["tokens"] / records[0]["steps"] if records else None  # one batch geometry per study
     label = {n: f"{n * per_step / 1e6:.2f}M" if per_step else f"{n} steps" for n in steps}
-    rivals = [o for o in opts if o != mano]
+    pairs = gap_pairs(opts, mano)
     head = ["| tokens (steps) | " + " | ".join(f"{o} (lr {best_lr[o]:g})" for o in opts)
-            + "".join(f" | {mano} − {o}" for o in rivals if mano in opts) + " |",
-            "|---|" + "---:|" * (len(opts) + (len(rivals) if mano in opts else 0))]
+            + "".join(f" | {m} − {o}" for m, o in pairs) + " |",
+            "|---|" + "---:|" * (len(opts) + len(pairs))]
     rows = []
     for n in sorted(steps):
         cells = [_cell(stats(list(loss_of(records, o, best_lr[o], n).values()))) for o in opts]
-        if mano in opts:
-            cells += [_gap_cell(paired_gap(records, mano, best_lr[mano], o, best_lr[o], n)) for o in rivals]
+        cells += [_gap_cell(paired_gap(records, m, best_lr[m], o, best_lr[o], n)) for m, o in pairs]
         rows.append(f"| {label[n]} ({n}) | " + " | ".join(cells) + " |")
     big = max(steps)
     sweep = [f"| optimizer at {label[big]} | peak lr | final loss per seed | mean |", "|---|---:|---|---:|"]
@@ -120,10 +126,10 @@ def tables(records: list[dict], opts: list[str], steps: list[int], best_lr: dict
             sweep.append(f"| {o} | {lr:g}{mark} | {seeds} | {mean:.3f} |" if math.isfinite(mean)
                          else f"| {o} | {lr:g}{mark} | {seeds} | diverged |")
     text = "\n".join(head + rows) + "\n\n" + "\n".join(sweep) + "\n"
-    for o in rivals if mano in opts else []:
-        gaps = in_run_gap(records, mano, best_lr[mano], o, best_lr[o], big)
+    for m, o in pairs:
+        gaps = in_run_gap(records, m, best_lr[m], o, best_lr[o], big)
         if gaps:
-            text += (f"\n{mano} − {o} during the {label[big]} runs (paired, at each evaluation): "
+            text += (f"\n{m} − {o} during the {label[big]} runs (paired, at each evaluation): "
                      + ", ".join(f"{t / 1e6:.2f}M {g['mean']:+.3f}" for t, g in gaps) + "\n")
     extra = [f"| extra | tokens (steps) | final loss | paired gap to {mano} |", "|---|---|---:|---:|"]
     for o in extras:
@@ -159,12 +165,12 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
 
     color = {o: f"C{i}" for i, o in enumerate(opts)}  # the same colour for an optimizer in every plot
 
-    def line(ax, xs, ss, label, c):
+    def line(ax, xs, ss, label, c, style="-"):
         pts = [(x, s) for x, s in zip(xs, ss) if s["n"] and math.isfinite(s["mean"])]
         if not pts:
             return
         x = [p[0] for p in pts]
-        ax.plot(x, [p[1]["mean"] for p in pts], marker="o", label=label, color=c)
+        ax.plot(x, [p[1]["mean"] for p in pts], marker="o", label=label, color=c, linestyle=style)
         ax.fill_between(x, [p[1]["lo"] for p in pts], [p[1]["hi"] for p in pts], alpha=0.2, color=c)
 
     ns = sorted(steps)
@@ -179,13 +185,13 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     finish(fig, ax, paths[0], which="both")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for o in opts:
-        if o != mano and mano in opts:
-            line(ax, [tokens_of(n) for n in ns],
-                 [paired_gap(records, mano, best_lr[mano], o, best_lr[o], n) for n in ns], f"{mano} − {o}", color[o])
+    variants = sorted({m for m, _ in gap_pairs(opts, mano)})
+    for m, o in gap_pairs(opts, mano):  # colour: the rival; line style: the Mano variant
+        line(ax, [tokens_of(n) for n in ns], [paired_gap(records, m, best_lr[m], o, best_lr[o], n) for n in ns],
+             f"{m} − {o}", color[o], ("-", "--", ":")[variants.index(m) % 3])
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="tokens", ylabel="Δ final validation loss (nat; > 0: Mano behind)",
-           title=f"{mano}'s gap, paired by seed (mean, min-max)")
+           title="Mano's gap, paired by seed (mean, min-max)")
     budget_ticks(ax)
     finish(fig, ax, paths[1], which="both")
 

@@ -16,7 +16,7 @@ from launch import compare, scaling
 from launch.compare import final_record, run_dir, summarize
 from launch.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, pick_next,
                             recent_secs_per_step, scaling_dir, scaling_plan, schedule_overrides, train_all)
-from launch.scaling_report import paired_gap, read_jsonl, report, run_record, tables
+from launch.scaling_report import gap_pairs, paired_gap, read_jsonl, report, run_record, tables
 
 
 def _write(out, opt, lr, seed, final, steps=4):
@@ -179,6 +179,10 @@ def test_scaling_summary_pairs_gaps_by_seed_and_writes_records_and_plots(tmp_pat
     assert len(saved) == 15 and [r for r in saved if r["lr"] == 3e-2][0]["val_loss"] is None  # JSON null, not NaN
     # the JSONL alone redraws the same table
     assert tables(saved, OPTS, [10, 30], best) == tables(records, OPTS, [10, 30], best)
+    # with two Mano variants, each one's gap to each non-Mano optimizer (not to each other)
+    assert gap_pairs(["adamw", "muon", "mano-v2", "mano-both"]) == [
+        ("mano-v2", "adamw"), ("mano-v2", "muon"), ("mano-both", "adamw"), ("mano-both", "muon")]
+    assert gap_pairs(["adamw", "muon"]) == []
 
 
 def _record(run, val_loss, tokens_per_step=2048, fingerprint=None):
