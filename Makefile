@@ -58,8 +58,9 @@ bench-checkpoint: $(VENV)/.installed
 compare: $(VENV)/.installed
 	$(PY) -m launch.compare --out runs/compare
 
-# The token-scaling study (AdamW, Muon, Mano v2 at 0.3M, 1M, 3M tokens; ~44M tokens, ~75 minutes on
-# 2 idle cores by the short study's speed): finished runs are cached in runs/scaling/, plots and JSONL land in docs/.
+# The token-scaling study (AdamW, Muon, Mano v2 and "both" at 0.3M, 1M, 3M tokens; ~100 min on 2 idle
+# cores): the runs recorded in docs/scaling_runs.jsonl count as done (when this checkout reproduces their
+# starting point, see docs/benchmarks.md), finished runs are cached in runs/scaling/, plots and JSONL land in docs/.
 .PHONY: scaling
 scaling: $(VENV)/.installed
 	$(PY) -m launch.scaling --out runs/scaling --docs docs --records docs/scaling_runs.jsonl

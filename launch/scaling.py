@@ -297,7 +297,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_study.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/scaling"))
-    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "mano-v2"], choices=list(STUDY_OPTIMIZERS))
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "mano-v2", "mano-both"],
+                    choices=list(STUDY_OPTIMIZERS))
     ap.add_argument("--extras", nargs="*", default=["mano-v2-fb3e-3"], choices=list(STUDY_OPTIMIZERS),
                     help="run last, at the smallest budget only (in the table, not the plots)")
     ap.add_argument("--budgets", nargs="+", type=float, default=[307200, 1e6, 3e6],

@@ -8,8 +8,9 @@ Mano scales its unit-norm update by ``0.2 * sqrt(n)`` so that the update ``u`` i
 AdamW's actual update RMS in *this* model, which nobody measured for it. This trains the study's
 model with the real trainer (``launch.train``, one process) and, after every step, recovers
 ``u = (W_before - W_after) / lr - wd W_before`` for each hidden matrix (the ones Mano would
-update). It prints the median over matrices at a few points of the run and ``lr x RMS(u)``, the
-size of the step actually taken, and writes every step's numbers to ``--out/update_rms.jsonl``.
+update). It prints the median over matrices at a few points of the run, its lr-weighted mean,
+the spread over matrices and ``lr x RMS(u)``, the size of the step actually taken, and writes
+every step's numbers to ``--out/update_rms.jsonl`` (``--from-jsonl`` prints the table again).
 """
 
 from __future__ import annotations
@@ -64,14 +65,27 @@ def measure(config: str, opt: str, lr: float, out: Path, sets: list[str]) -> Upd
     return meter
 
 
-def summary_row(opt: str, lr: float, meter: UpdateMeter) -> str:
-    """Median RMS(u) over matrices at the 2nd step, 10 %, 50 % and the end of the run; the mean
-    over the run of lr x RMS(u) (the step actually taken, per weight)."""
-    steps = meter.steps
-    pick = [steps[0], steps[len(steps) // 10], steps[len(steps) // 2], steps[-1]]
-    cells = [f"{statistics.median(s['rms'].values()):.3f}" for s in pick]
-    taken = statistics.mean(s["lr"] * statistics.median(s["rms"].values()) for s in steps)
-    return f"| {opt} | {lr:g} | " + " | ".join(cells) + f" | {taken:.2e} |"
+HEADER = ("| optimizer | peak lr | step 2 | 10 % | 50 % | end | lr-weighted mean | matrices at 50 % | mean lr x RMS |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def summary_rows(records: list[dict]) -> list[str]:
+    """Per (optimizer, peak lr): the median RMS(u) over matrices at the 2nd step, 10 %, 50 % and
+    the end of the run; its mean weighted by the lr (what the weights actually moved by, per unit
+    lr); the range over matrices at 50 %; and the mean of lr x RMS(u) (the step taken)."""
+    runs: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        runs.setdefault((r["opt"], r["peak_lr"]), []).append(r)
+    rows = []
+    for (opt, peak), steps in runs.items():
+        med = [statistics.median(s["rms"].values()) for s in steps]
+        pick = [med[0], med[len(med) // 10], med[len(med) // 2], med[-1]]
+        weighted = sum(s["lr"] * m for s, m in zip(steps, med)) / sum(s["lr"] for s in steps)
+        mid = steps[len(steps) // 2]["rms"].values()
+        taken = statistics.mean(s["lr"] * m for s, m in zip(steps, med))
+        rows.append(f"| {opt} | {peak:g} | " + " | ".join(f"{v:.3f}" for v in pick)
+                    + f" | {weighted:.3f} | {min(mid):.3f}-{max(mid):.3f} | {taken:.2e} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -82,7 +96,12 @@ def main(argv=None) -> int:
                     help="optimizer:peak_lr pairs (optimizers as in launch.compare)")
     ap.add_argument("--out", type=Path, default=Path("runs/update_rms"))
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--from-jsonl", type=Path, default=None, help="print the table of an earlier update_rms.jsonl")
     args = ap.parse_args(argv)
+    if args.from_jsonl:
+        records = [json.loads(line) for line in args.from_jsonl.read_text().splitlines() if line.strip()]
+        print(HEADER + "\n" + "\n".join(summary_rows(records)))
+        return 0
 
     from .compare import OPTIMIZERS
 
@@ -93,16 +112,13 @@ def main(argv=None) -> int:
             ap.error(f"--runs {item!r}: want optimizer:lr with optimizer one of {sorted(OPTIMIZERS)}")
         runs.append((opt, float(lr)))
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, records = [], []
+    records = []
     for opt, lr in runs:
         meter = measure(args.config, opt, lr, args.out, args.sets)
-        rows.append(summary_row(opt, lr, meter))
         records += [{"opt": opt, "peak_lr": lr, **s} for s in meter.steps]
     (args.out / "update_rms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     print("\nupdate RMS of the hidden matrices (median over matrices), u in W <- W (1 - lr wd) - lr u")
-    print("| optimizer | peak lr | step 2 | 10 % | 50 % | end | mean lr x RMS(u) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+    print(HEADER + "\n" + "\n".join(summary_rows(records)))
     return 0
 
 

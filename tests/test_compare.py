@@ -262,7 +262,7 @@ def test_update_rms_recovers_each_optimizers_step_size():
     import torch
     from torch import nn
 
-    from launch.update_rms import UpdateMeter, update_rms
+    from launch.update_rms import UpdateMeter, summary_rows, update_rms
     from mano_dist import Mano, mano_param_groups
 
     torch.manual_seed(0)
@@ -290,3 +290,6 @@ def test_update_rms_recovers_each_optimizers_step_size():
     assert sorted(meter.steps[0]["rms"]) == ["1.weight", "2.weight"]  # the hidden matrices only
     for s in meter.steps:
         assert list(s["rms"].values()) == pytest.approx([0.2, 0.2], rel=1e-5)
+    # the printed row: 0.2 everywhere; the step taken is the mean lr (0.0072) x 0.2
+    assert summary_rows([{"opt": "mano-v2", "peak_lr": 0.02, **s} for s in meter.steps]) == [
+        "| mano-v2 | 0.02 | 0.200 | 0.200 | 0.200 | 0.200 | 0.200 | 0.200-0.200 | 1.44e-03 |"]
