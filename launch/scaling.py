@@ -171,7 +171,7 @@ def finished_runs(out: Path, fingerprints: dict[int, str] | None = None) -> list
     for folder in sorted(out.glob("steps*/*/lr*/seed*")):
         run = Run(folder.parent.parent.name, float(folder.parent.name[2:]), int(folder.name[4:]),
                   int(folder.parent.parent.parent.name[5:]))
-        if is_done(folder, run, fingerprints if fingerprints and run.seed in fingerprints else None):
+        if is_done(folder, run, fingerprints):
             runs.append(run)
     return runs
 
@@ -332,9 +332,12 @@ def main(argv=None) -> int:
     from .data import prepare
 
     prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
-    record_seeds = {json.loads(line)["seed"] for line in args.records.read_text().splitlines() if line.strip()} \
-        if args.records and args.records.is_file() else set()
-    fingerprints = {s: study_fingerprint(args.config, s) for s in {*args.seeds, args.sweep_seed, *record_seeds}}
+    from .scaling_report import read_jsonl
+
+    seeds = {*args.seeds, args.sweep_seed, *(int(f.name[4:]) for f in args.out.glob("steps*/*/lr*/seed*"))}
+    if args.records and args.records.is_file():
+        seeds |= {r["seed"] for r in read_jsonl(args.records)}
+    fingerprints = {s: study_fingerprint(args.config, s) for s in seeds}  # every seed a run or record has
     known = recorded_runs(args.records, tokens_per_step, fingerprints) if args.records else {}
     if not args.summarize_only:
         plan = scaling_plan(args.optimizers, steps, args.seeds, SHORT_STUDY_BEST_LR, args.sweep_seed, args.extras)
