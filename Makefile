@@ -58,7 +58,7 @@ bench-checkpoint: $(VENV)/.installed
 compare: $(VENV)/.installed
 	$(PY) -m launch.compare --out runs/compare
 
-# The token-scaling study (AdamW, Muon, Mano v2 and "both" at 0.3M, 1M, 3M tokens; ~100 min on 2 idle
+# The token-scaling study (AdamW, Muon, Mano v2 and "both" at 0.3M, 1M, 3M tokens; about 2 h on 2
 # cores): the runs recorded in docs/scaling_runs.jsonl count as done (when this checkout reproduces their
 # starting point, see docs/benchmarks.md), finished runs are cached in runs/scaling/, plots and JSONL land in docs/.
 .PHONY: scaling
