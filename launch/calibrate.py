@@ -21,15 +21,10 @@ Prints one row (GiB, rank 0, and the ratios of the predictions to the real track
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 from pathlib import Path
 
 GiB = 2**30
-
-
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _return_freed_memory_to_the_os() -> None:
@@ -53,6 +48,7 @@ def _real_step(rank, world_size, config: str, overrides: list[str]) -> dict:
     from .config import accumulation_steps, load_config
     from .dryrun import PeakTracker, measure_step
     from .engines import FSDPEngine
+    from .metrics import peak_rss_gib
     from .model import build_model
     from .parallel import build_mesh
 
@@ -60,12 +56,12 @@ def _real_step(rank, world_size, config: str, overrides: list[str]) -> dict:
     cfg.train.async_checkpoint = False
     micro, accumulation = accumulation_steps(cfg, world_size // cfg.parallel.tp)
     mesh = build_mesh(torch.device("cpu"), world_size, cfg.parallel.tp)
-    baseline = _rss_bytes()
+    baseline = peak_rss_gib() * GiB  # the process's peak resident set so far
     with PeakTracker() as tracker, tempfile.TemporaryDirectory() as out:
         model = build_model(cfg, mesh, torch.device("cpu"))
         result = measure_step(model, FSDPEngine(model, cfg, Path(out)), cfg, micro, accumulation, tracker,
                               real_micro_steps=True)
-    return {"tracked": result.peak, "rss": _rss_bytes() - baseline, "result": result}
+    return {"tracked": result.peak, "rss": peak_rss_gib() * GiB - baseline, "result": result}
 
 
 def calibration_overrides(cfg, ranks: int) -> list[str]:

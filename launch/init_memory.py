@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
-
-
-def _peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _worker(config: str, mode: str) -> None:
@@ -26,13 +21,14 @@ def _worker(config: str, mode: str) -> None:
     import torch.distributed as dist
 
     from .config import load_config
+    from .metrics import peak_rss_gib
     from .model import Llama, build_model
     from .parallel import build_mesh, setup_distributed, shard_model
 
     cfg = load_config(config)
     rank, world, device = setup_distributed()
     mesh = build_mesh(device, world, 1)
-    before = _peak_gib()
+    before = peak_rss_gib()
     if mode == "full":
         torch.manual_seed(cfg.train.seed)
         model = Llama(cfg.model).to(device)
@@ -40,7 +36,7 @@ def _worker(config: str, mode: str) -> None:
     else:
         model = build_model(cfg, mesh, device)
     peaks = [None] * world
-    dist.all_gather_object(peaks, (before, _peak_gib()))
+    dist.all_gather_object(peaks, (before, peak_rss_gib()))
     if rank == 0:
         print("RESULT " + " ".join(f"{after - b:.3f}" for b, after in peaks), flush=True)
     dist.destroy_process_group()

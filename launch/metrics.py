@@ -12,6 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set so far (``ru_maxrss``, KiB on Linux), in GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
 # Peak dense bf16 tensor-core FLOP/s per device (vendor datasheets, no sparsity), matched by
 # substring of ``torch.cuda.get_device_name()``; the first match wins, so specific names first.
 PEAK_BF16_FLOPS = (

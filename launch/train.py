@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .config import ConfigError, accumulation_steps, load_config
 from .data import DataError, open_dataset
 from .engines import DeepSpeedEngine, FSDPEngine, deepspeed_config, describe_optimizer
-from .metrics import MetricsWriter, eta_seconds, flops_per_token, format_duration, peak_bf16_flops
+from .metrics import MetricsWriter, eta_seconds, flops_per_token, format_duration, peak_bf16_flops, peak_rss_gib
 from .model import build_model, count_parameters
 from .parallel import all_reduce_sum, build_mesh, data_parallel_rank, setup_distributed
 
@@ -61,9 +61,7 @@ def peak_memory_gib(device: torch.device) -> float:
     """Peak accelerator memory allocated, or on CPU the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_gib()
 
 
 @torch.no_grad()
