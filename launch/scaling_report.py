@@ -185,8 +185,9 @@ def plot(records: list[dict], opts: list[str], steps: list[int], best_lr: dict[s
     finish(fig, ax, paths[0], which="both")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    variants = sorted({m for m, _ in gap_pairs(opts, mano)})
-    for m, o in gap_pairs(opts, mano):  # colour: the rival; line style: the Mano variant
+    pairs = gap_pairs(opts, mano)
+    variants = sorted({m for m, _ in pairs})
+    for m, o in pairs:  # colour: the rival; line style: the Mano variant
         line(ax, [tokens_of(n) for n in ns], [paired_gap(records, m, best_lr[m], o, best_lr[o], n) for n in ns],
              f"{m} − {o}", color[o], ("-", "--", ":")[variants.index(m) % 3])
     ax.axhline(0, color="k", lw=0.8)
