@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-mini test test-fast bench bench-step bench-comm bench-memory bench-e2e bench-ds bench-checkpoint compare plan clean
+.PHONY: setup demo demo-mini test test-fast bench bench-step bench-comm bench-memory bench-e2e bench-ds bench-checkpoint bench-gpu compare plan clean
 
 $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 	VENV=$(VENV) bash launch/setup_env.sh
@@ -53,6 +53,12 @@ bench-ds: $(VENV)/.installed
 bench-checkpoint: $(VENV)/.installed
 	@mkdir -p runs/bench
 	$(PY) -m mano_dist.bench checkpoint | tee runs/bench/checkpoint.txt
+
+# On one CUDA device (not part of `make bench`: the project's machines have none): the trainer's
+# real GPU memory against the dry run, step times with CUDA events, host syncs per step; under
+# 10 minutes. Results in runs/bench/gpu/ (docs/benchmarks.md, "On a GPU").
+bench-gpu: $(VENV)/.installed
+	$(PY) -m mano_dist.bench gpu --out runs/bench/gpu
 
 # The convergence study (about 30 minutes on 2 idle CPU cores): plots and table in runs/compare/.
 compare: $(VENV)/.installed

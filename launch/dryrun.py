@@ -11,8 +11,8 @@ How (the way large trainers estimate memory before a launch):
   ``init_weights``) build, shard, wrap and initialise the model; its ``FSDPEngine`` builds the
   optimizer; then one micro-step of the trainer (forward, loss, ``micro_backward``; when it
   accumulates, with the sharded gradients of earlier micro-steps live, as on the GPU) and the
-  optimizer's real ``step()``. Gradient clipping is replaced by the norms it computes: its
-  host read of the norm has no value to read here (its memory is one scalar per mesh);
+  optimizer's real ``step()``, after the trainer's gradient clipping (which reads nothing on
+  the host, so it runs on fake tensors as it is);
 - :class:`PeakTracker` counts the bytes of every live tensor storage as ops create and free
   them, the way ``torch.cuda.max_memory_allocated`` counts the caching allocator's blocks.
 
@@ -25,7 +25,11 @@ What a fake CPU trace cannot see, and how it is accounted for:
 - the CUDA context, NCCL's buffers and the caching allocator's fragmentation are not tensors:
   ``--reserve`` GiB (default 3.0; an assumption, not measured here) is added to the traced peak;
 - host reads of values (Mano's cancellation and non-finite checks) have nothing to read: the
-  optimizer takes the path that allocates most (see ``mano_dist.lockstep``).
+  optimizer takes the path that allocates most (see ``mano_dist.lockstep``);
+- ``train.compile``: the blocks are traced eager, and the report says so. torch.compile cannot
+  run here: dynamo skips every frame while a dispatch mode such as the tracker is active, and
+  inductor's kernels would allocate outside it on real memory. Compiled blocks usually keep
+  fewer intermediates, so for them the traced peak errs high.
 
 Checked against real CPU runs of the same configuration: ``launch/calibrate.py``.
 """
@@ -46,6 +50,9 @@ from torch.utils._pytree import tree_map_only
 
 GiB = 2**30
 DEFAULT_RESERVE_GIB = 3.0
+COMPILE_NOTE = ("note: train.compile = true is traced eager: torch.compile cannot run on the dry run's fake "
+                "tensors under its dispatch modes (dynamo skips those frames; inductor's kernels need real memory), "
+                "so this is the eager blocks' peak (compiled blocks usually keep less)")
 
 
 class PeakTracker(TorchDispatchMode):
@@ -146,6 +153,7 @@ class DryRunResult:
     peak: int  # traced peak of live storages
     peak_phase: str
     attention_ops: tuple[str, ...]
+    compile_traced_eager: bool = False  # train.compile was set; the eager blocks were traced
 
     @property
     def activations(self) -> int:
@@ -160,6 +168,8 @@ def measure_step(model, engine, cfg, micro: int, accumulation: int, tracker: Pea
     tensors. When the trainer accumulates, the micro-step traced is a later one, with the
     sharded gradients of the earlier ones live: zeros put there first, or (``real_micro_steps``,
     the calibration's real run) two real micro-steps."""
+    from .parallel import clip_grad_norm
+
     opt = engine.optimizer
     params = list(model.parameters())
     tracker.track(params)
@@ -180,11 +190,7 @@ def measure_step(model, engine, cfg, micro: int, accumulation: int, tracker: Pea
         del logits, loss
     grads = local_bytes(p.grad for p in params)
     tracker.phase = "optimizer step"
-    by_mesh: dict[object, list[torch.Tensor]] = {}  # the norms clip_grad_norm takes, per mesh
-    for p in params:
-        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
-    for grads_on_mesh in by_mesh.values():
-        torch.nn.utils.get_total_norm(grads_on_mesh)
+    clip_grad_norm(params, cfg.optim.grad_clip)
     opt.step()
     state = local_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -208,6 +214,7 @@ def dry_run(cfg, world: int) -> DryRunResult:
 
     cfg = copy.deepcopy(cfg)
     cfg.train.async_checkpoint = False  # its gloo side group cannot exist on the fake backend; host memory only
+    traced_eager, cfg.train.compile = cfg.train.compile, False  # see the module docstring
     tp = cfg.parallel.tp
     dp = world // tp
     micro, accumulation = accumulation_steps(cfg, dp)
@@ -228,6 +235,7 @@ def dry_run(cfg, world: int) -> DryRunResult:
             result = measure_step(model, FSDPEngine(model, cfg, Path(out)), cfg, micro, accumulation, tracker)
     finally:
         dist.destroy_process_group()
+    result.compile_traced_eager = traced_eager
     return result
 
 
@@ -247,6 +255,7 @@ def report(result: DryRunResult, gpu_mem_gib: float, reserve_gib: float = DEFAUL
         f"    traced peak                     {r.peak / GiB:8.2f}",
         f"    + reserve (CUDA context, NCCL,  {reserve_gib:8.2f}   (assumed, --reserve)",
         "      allocator fragmentation)",
+        *([COMPILE_NOTE] if r.compile_traced_eager else []),
         f"dry run: peak {total:.1f} GiB per rank of {gpu_mem_gib:g} GiB: {'fits' if fits else 'does not fit'}",
     ]
     return lines, fits

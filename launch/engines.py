@@ -2,8 +2,11 @@
 engine from a JSON config. Both expose the same few calls, so the training loop is one loop.
 
 - ``forward(tokens)``; per micro-batch ``micro_backward(loss, accumulation, last)`` (``loss`` the
-  micro-batch's mean token loss); then ``step(loss) -> (grad_norm, optimizer_seconds)`` once per
-  optimizer step (``loss`` the step's mean, for the optimizers that use it)
+  micro-batch's mean token loss); then ``step(loss) -> (grad_norm, stopwatch)`` once per
+  optimizer step (``loss`` the step's mean, for the optimizers that use it). Neither value is
+  read on the host here: ``grad_norm`` is a device tensor (or whatever DeepSpeed holds), and the
+  optimizer's time is a ``launch.metrics.Stopwatch`` (CUDA events on CUDA); the trainer reads
+  both when it logs
 - ``lr``, ``save(step, sequences_seen)``, ``load(resume) -> (step, sequences_seen, path) | None``
 - ``eval_mode()`` / ``train_mode()``, ``module`` and ``wait()`` (async saves in flight).
 """
@@ -11,7 +14,6 @@ engine from a JSON config. Both expose the same few calls, so the training loop 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from mano_dist import baselines
 from mano_dist.checkpoint import Checkpointer
 
 from .config import ConfigError, RunConfig
+from .metrics import Stopwatch
 from .parallel import clip_grad_norm
 
 
@@ -45,6 +48,7 @@ def build_optimizer(model, cfg: RunConfig):
 class FSDPEngine:
     def __init__(self, model, cfg: RunConfig, out: Path):
         self.module, self.cfg = model, cfg
+        self.device = next(iter(model.parameters())).device
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.train.keep_last,
@@ -65,17 +69,16 @@ class FSDPEngine:
         while on GPUs the reduce-scatter overlaps the backward."""
         (loss / accumulation).backward()
 
-    def step(self, loss) -> tuple[float, float]:
+    def step(self, loss) -> tuple[torch.Tensor, Stopwatch]:
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.optim.grad_clip)
-        t0 = time.perf_counter()
-        if baselines.needs_loss(self.optimizer):
-            self.optimizer.step(loss=loss.detach())
-        else:
-            self.optimizer.step()
-        seconds = time.perf_counter() - t0
+        with Stopwatch(self.device) as stopwatch:
+            if baselines.needs_loss(self.optimizer):
+                self.optimizer.step(loss=loss.detach())
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return grad_norm, seconds
+        return grad_norm, stopwatch
 
     def save(self, step: int, seen: int) -> None:
         self.ckpt.save(step, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -214,12 +217,13 @@ class DeepSpeedEngine:
         if not last:
             self.engine.step()
 
-    def step(self, loss) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        self.engine.step()
-        seconds = time.perf_counter() - t0
+    def step(self, loss):
+        """Returns (DeepSpeed's global gradient norm as it holds it: a tensor, a float, or None
+        when it computes none, unread; the stopwatch of the engine's step)."""
+        with Stopwatch(self.engine.device) as stopwatch:
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan"), seconds
+        return norm.detach() if torch.is_tensor(norm) else norm, stopwatch
 
     def save(self, step: int, seen: int) -> None:
         from mano_dist.deepspeed.checkpoint import save_run

@@ -1,7 +1,9 @@
-"""What the trainer reports besides the loss: throughput, ETA, model FLOPs utilisation, and the
-sinks it writes to (JSONL always, TensorBoard scalars when ``train.tensorboard = true``).
+"""What the trainer reports besides the loss: throughput, ETA, model FLOPs utilisation, memory, the
+optimizer's time, and the sinks it writes to (JSONL always, TensorBoard scalars when
+``train.tensorboard = true``).
 
-MFU = achieved model FLOPs / the device's peak dense bf16 FLOPs. Model FLOPs per token are the
+MFU = achieved model FLOPs / the device's peak dense FLOPs in the run's compute dtype (bf16, tf32
+or fp32; ``PEAK_FLOPS``). Model FLOPs per token are the
 usual 6 N (forward + backward over every weight that multiplies: all parameters but the
 embedding lookup) plus attention's 12 x layers x dim x seq_len (PaLM, appendix B); activation
 recomputation is not counted, so checkpointing lowers MFU, as it should.
@@ -10,6 +12,8 @@ recomputation is not counted, so checkpointing lowers MFU, as it should.
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 
@@ -19,27 +23,122 @@ def peak_rss_gib() -> float:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-# Peak dense bf16 tensor-core FLOP/s per device (vendor datasheets, no sparsity), matched by
-# substring of ``torch.cuda.get_device_name()``; the first match wins, so specific names first.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-)
+
+GiB = 2**30
+
+
+def cuda_memory_gib(device) -> dict[str, float]:
+    """This process's caching-allocator peaks (``max_memory_allocated``: tensors;
+    ``max_memory_reserved``: the blocks it holds, fragmentation included) and the device's used
+    and total memory from ``cudaMemGetInfo`` (every process, the CUDA context and NCCL's buffers
+    too: what the allocator cannot see). Host-side queries: none waits for the GPU."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return {"mem_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB,
+            "mem_device_used_gib": (total - free) / GiB, "mem_device_total_gib": total / GiB}
+
+
+class Stopwatch:
+    """Times a region without making the host wait: on CUDA two timing events on the current
+    stream, read by ``seconds()`` (which waits for the end event, so call it when logging); on
+    other devices ``time.perf_counter``, where the work is done when the call returns."""
+
+    def __init__(self, device):
+        import torch
+
+        cuda = torch.device(device).type == "cuda"
+        self._events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if cuda else None
+        self._t0 = self._seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        if self._events:
+            self._events[0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._events:
+            self._events[1].record()
+        else:
+            self._seconds = time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if not self._events:
+            return self._seconds
+        start, end = self._events
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+# Peak dense (no sparsity) FLOP/s per GPU and compute dtype, from NVIDIA's datasheets and product
+# pages (they print the sparse figure for tensor cores; dense is half of it):
+# - A100 datasheet (SXM4 and PCIe, 40/80 GB); H100 and H200 datasheets (SXM, PCIe, NVL);
+#   H800 SXM/PCIe datasheets (H100's compute); GH200 datasheet (its H100 GPU); L40S, L40, L4 and
+#   A10 datasheets;
+# - B200 and GB200: "Individual Blackwell GPU Specifications" on nvidia.com's Blackwell
+#   architecture page (HGX B200: BF16 4.5 PF, TF32 2.2 PF sparse, FP32 75 TF; GB200 NVL72:
+#   5 PF, 2.5 PF, 80 TF);
+# - H20: NVIDIA's H20 product brief, not on nvidia.com: as widely reported, dense BF16 148 TF,
+#   TF32 74 TF, FP32 44 TF;
+# - A10G: AWS's part, in no NVIDIA datasheet; bf16 70 TF as before, no fp32 figure (no MFU).
+# "bf16" is the bf16/fp16 tensor core, "tf32" fp32 matmuls on tensor cores
+# (``torch.set_float32_matmul_precision("high")``), "fp32" the plain FP32 units.
+# Keys are the tokens of ``torch.cuda.get_device_name()`` (split at spaces and dashes) that must
+# all be present: "L4" matches "NVIDIA L4" but not "NVIDIA L40", "H20" not "H200"; the entry
+# with the most tokens wins, so "H100 PCIe" beats "H100".
+PEAK_FLOPS = {
+    ("A100",): {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    ("H100",): {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},  # SXM
+    ("H100", "PCIe"): {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    ("H100", "NVL"): {"bf16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
+    ("H200",): {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},  # SXM
+    ("H200", "NVL"): {"bf16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
+    ("H800",): {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},  # SXM
+    ("H800", "PCIe"): {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    ("H20",): {"bf16": 148e12, "tf32": 74e12, "fp32": 44e12},
+    ("GH200",): {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    ("B200",): {"bf16": 2250e12, "tf32": 1100e12, "fp32": 75e12},
+    ("GB200",): {"bf16": 2500e12, "tf32": 1250e12, "fp32": 80e12},
+    ("L40S",): {"bf16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12},
+    ("L40",): {"bf16": 181.05e12, "tf32": 90.5e12, "fp32": 90.5e12},
+    ("L4",): {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    ("A10",): {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    ("A10G",): {"bf16": 70e12},
+}
+DTYPES = ("bf16", "tf32", "fp32")
+
+
+def _name_tokens(device_name: str) -> set[str]:
+    return {t for t in re.split(r"[^0-9A-Z]+", device_name.upper()) if t}
+
+
+def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of ``device_name`` (``torch.cuda.get_device_name()``) in ``dtype``
+    (bf16, tf32 or fp32), or None for a GPU or dtype not in the table (then no MFU is logged)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tokens = _name_tokens(device_name)
+    matches = [key for key in PEAK_FLOPS if {k.upper() for k in key} <= tokens]
+    if not matches:
+        return None
+    return PEAK_FLOPS[max(matches, key=len)].get(dtype)
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in device_name:
-            return flops
-    return None
+    return peak_flops(device_name, "bf16")
+
+
+def compute_dtype(bf16: bool) -> str:
+    """The dtype the matmuls run in, for the MFU peak: bf16, else fp32 on tensor cores (tf32)
+    when torch allows it for fp32 matmuls, else plain fp32."""
+    import torch
+
+    if bf16:
+        return "bf16"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:

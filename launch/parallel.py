@@ -15,7 +15,6 @@ one place.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -127,27 +126,36 @@ def data_parallel_rank(mesh) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> float:
-    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm.
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm as a
+    0-d float64 tensor on the gradients' device.
 
-    Groups gradients by device mesh, takes each group's norm with torch's own
-    ``get_total_norm`` (a DTensor norm reduces over its mesh exactly once per element), and
-    combines the groups on the host.
+    Groups gradients by device mesh and takes each group's norm with torch's own
+    ``get_total_norm`` (a DTensor norm reduces over its mesh exactly once per element). The
+    groups' norms are combined and the coefficient min(1, max_norm / (norm + 1e-6)) applied on
+    the device, as ``torch.nn.utils.clip_grads_with_norm_`` does, so nothing here makes the host
+    wait for the GPU (the trainer reads the norm when it logs). The combination is float64 in
+    the order the host used to add it, and a NaN norm scales nothing, as the host's
+    ``if coef < 1`` did: the gradients are the same bits as with the host-side formula.
     """
     groups: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
             groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
-    total_sq = 0.0
+    total_sq = None
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        total_sq += float(norm) ** 2
-    total = math.sqrt(total_sq)
+        square = norm.double().square()
+        total_sq = square if total_sq is None else total_sq + square
+    if total_sq is None:
+        return torch.zeros((), dtype=torch.float64)
+    total = total_sq.sqrt()
     coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for grads in groups.values():
-            torch._foreach_mul_(grads, coef)
+    coef = torch.where(coef < 1.0, coef, torch.ones_like(coef))
+    for grads in groups.values():
+        for dtype in {g.dtype for g in grads}:
+            torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
     return total
 
 

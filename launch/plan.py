@@ -182,12 +182,13 @@ def optimizer_traffic(counts: ParamCounts, dp: int, tp: int = 1) -> dict[str, fl
         n_local, m_local = n // math.prod(cols), m // math.prod(rows)
         # axis 0: one statistic per (local) column, reduced over the groups that shard rows;
         # axis 1: per (local) row, over the groups that shard columns. Half the steps each.
-        mano_fsdp += sum(_all_reduce_wire(3 * n_local * 4, g) for g in rows) / 2
-        mano_fsdp += sum(_all_reduce_wire(3 * m_local * 4, g) for g in cols) / 2
+        # float64 statistics (8 bytes each, functional.STATS_DTYPE)
+        mano_fsdp += sum(_all_reduce_wire(3 * n_local * 8, g) for g in rows) / 2
+        mano_fsdp += sum(_all_reduce_wire(3 * m_local * 8, g) for g in cols) / 2
     # ZeRO: a flat partition can cut any row or column, so every matrix's full statistics
     # vector rides the all-reduce on every step (per slice of the step's axis).
     slices = sum((m + n) / 2 for _, (m, n) in counts.matrices)
-    mano_zero = _all_reduce_wire(3 * slices * 4, dp) if dp > 1 else 0.0
+    mano_zero = _all_reduce_wire(3 * slices * 8, dp) if dp > 1 else 0.0
     full = counts.matrix_elements * 4  # fp32 bytes of every matrix
     shards = dp * tp
     return {

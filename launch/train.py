@@ -3,10 +3,13 @@
     torchrun --nproc-per-node 2 -m launch.train --config configs/llama_tiny.toml [--set optim.lr=1e-3] [--resume auto]
     torchrun --nproc-per-node 2 -m launch.train --engine deepspeed --ds-config configs/ds_zero2.json
 
-Device-agnostic: CUDA + NCCL when GPUs are visible, else CPU + gloo. Each step prints one line
-(step, loss, lr, tokens/s, MFU on CUDA, optimizer step time, ETA); validation perplexity every ``eval_every``
-steps; metrics go to ``<out_dir>/metrics.jsonl``; checkpoints to ``<out_dir>/checkpoints``
-every ``checkpoint_every`` steps (resume with ``--resume auto``); a loss plot at the end.
+Device-agnostic: CUDA + NCCL when GPUs are visible, else CPU + gloo. Every ``log_every`` steps
+one line (step, loss, lr, tokens/s, MFU and memory on CUDA, optimizer step time, ETA); validation
+perplexity every ``eval_every`` steps; every step's metrics go to ``<out_dir>/metrics.jsonl``;
+checkpoints to ``<out_dir>/checkpoints`` every ``checkpoint_every`` steps (resume with
+``--resume auto``); a loss plot at the end. Device values (loss, gradient norm, the optimizer's
+CUDA-event time) are read on the host only on the steps that log, evaluate or save, all steps
+since the last read at once: a step in between never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 from .config import ConfigError, accumulation_steps, load_config
 from .data import DataError, open_dataset
 from .engines import DeepSpeedEngine, FSDPEngine, deepspeed_config, describe_optimizer
-from .metrics import MetricsWriter, eta_seconds, flops_per_token, format_duration, peak_bf16_flops, peak_rss_gib
+from .metrics import (MetricsWriter, compute_dtype, cuda_memory_gib, eta_seconds, flops_per_token, format_duration,
+                      peak_flops, peak_rss_gib)
 from .model import build_model, count_parameters
 from .parallel import all_reduce_sum, build_mesh, data_parallel_rank, setup_distributed
 
@@ -57,26 +61,43 @@ def parse_args(argv=None):
     return args
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak accelerator memory allocated, or on CPU the process's peak resident set."""
+def peak_memory(device: torch.device) -> tuple[float, ...]:
+    """On CUDA (allocated, reserved, device used) peak GiB (see ``cuda_memory_gib``), on CPU the
+    process's peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_gib()
+        m = cuda_memory_gib(device)
+        return m["mem_allocated_gib"], m["mem_reserved_gib"], m["mem_device_used_gib"]
+    return (peak_rss_gib(),)
+
+
+def pinned(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA the host batch in pinned memory, so that its copies to the GPU can be
+    ``non_blocking`` (the host queues them and goes on); elsewhere the batch itself."""
+    return batch.pin_memory() if device.type == "cuda" else batch
 
 
 @torch.no_grad()
 def evaluate(model, val_windows, rank, world, device) -> float:
-    """Mean token loss over the validation windows, split across ranks."""
-    mine = val_windows[rank::world].to(device)
+    """Mean token loss over the validation windows, split across ranks: summed on the device,
+    read on the host once."""
+    mine = pinned(val_windows[rank::world], device).to(device, non_blocking=True)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     if len(mine):
         logits = model(mine[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), mine[:, 1:].flatten(), reduction="sum")
-        total += torch.tensor([loss.item(), mine[:, 1:].numel()], dtype=torch.float64, device=device)
+        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), mine[:, 1:].flatten(), reduction="sum")
+        total[1] += mine[:, 1:].numel()
     elif dist.is_initialized():
         model(val_windows[:1, :-1].to(device))  # FSDP2 collectives must run on every rank
     all_reduce_sum(total)
     return (total[0] / total[1]).item()
+
+
+def half_precision_matmuls(cfg, ds_config: dict | None) -> bool:
+    """Whether the matmuls run in bf16/fp16 (the MFU peak's dtype): under DeepSpeed its JSON
+    decides, under FSDP2 ``train.mixed_precision`` or ``train.autocast_bf16``."""
+    if ds_config is not None:
+        return any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    return cfg.train.mixed_precision == "bf16" or cfg.train.autocast_bf16
 
 
 class Geometry:
@@ -145,18 +166,27 @@ class Trainer:
                  f"activation checkpoint {t.activation_checkpoint}, mixed precision {t.mixed_precision}, "
                  f"compile {t.compile}, {data.description}")
         self.flops_per_token = flops_per_token(m, self.n_params, cfg.data.seq_len)
-        self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.peak_flops = None
+        if device.type == "cuda":
+            dtype = compute_dtype(half_precision_matmuls(cfg, geometry.ds_config))
+            self.peak_flops = peak_flops(torch.cuda.get_device_name(device), dtype)
+        # Steps trained but not yet read on the host: their (loss summed over ranks, gradient
+        # norm, optimizer stopwatch) and their records, whose values ``read_pending`` supplies.
+        self.pending: list[tuple[torch.Tensor, object, object]] = []
+        self.unread: list[dict] = []
+        self.metrics, self.timing = None, []
 
-    def train_step(self) -> tuple[float, float, float]:
+    def train_step(self) -> tuple[torch.Tensor, object, object]:
         """One optimizer step over this rank's share of the global batch, in micro-batches.
         The batch is the same windows as without accumulation; only the forward is cut up.
-        Returns (mean loss over all ranks, gradient norm, optimizer seconds)."""
+        Returns (the step's loss summed over ranks, a device tensor; the gradient norm, a device
+        tensor or a number; the optimizer's ``Stopwatch``): nothing here reads the device."""
         g = self.geo
-        batch = self.sampler.batch(self.seen + self.dp_rank * g.per_rank, g.per_rank)
+        batch = pinned(self.sampler.batch(self.seen + self.dp_rank * g.per_rank, g.per_rank), self.device)
         self.seen += self.cfg.train.global_batch
         total = torch.zeros((), device=self.device)
         for i in range(g.accumulation):
-            micro = batch[i * g.micro:(i + 1) * g.micro].to(self.device)
+            micro = batch[i * g.micro:(i + 1) * g.micro].to(self.device, non_blocking=True)
             with self.autocast:
                 logits = self.engine.forward(micro[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten())
@@ -164,15 +194,16 @@ class Trainer:
             total += loss.detach()
         step_loss = total / g.accumulation
         grad_norm, t_opt = self.engine.step(step_loss)
-        return all_reduce_sum(step_loss.clone()).item() / self.world, grad_norm, t_opt
+        return all_reduce_sum(step_loss.clone()), grad_norm, t_opt
 
-    def record(self, step: int, loss: float, lr: float, grad_norm: float, t_opt: float, elapsed: float,
-               timing: list[float]) -> dict:
+    def record(self, step: int, lr: float, elapsed: float, timing: list[float]) -> dict:
+        """The step's record from what the host knows at once; ``loss``, ``grad_norm`` and
+        ``opt_step_s`` come from ``read_pending`` when the step is read."""
         t, seq = self.cfg.train, self.cfg.data.seq_len
         tokens_per_s = t.global_batch * seq / elapsed
         timed = timing[1:] or timing  # the first step compiles and warms up
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.seen * seq,
-                  "tokens_per_s": tokens_per_s, "opt_step_s": t_opt,
+        record = {"step": step + 1, "loss": None, "lr": lr, "grad_norm": None, "tokens": self.seen * seq,
+                  "tokens_per_s": tokens_per_s, "opt_step_s": None,
                   "eta_s": eta_seconds(len(timed), t.steps - step - 1, sum(timed))}
         if self.peak_flops:
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.world * self.peak_flops)
@@ -181,42 +212,77 @@ class Trainer:
             record["momo_polyak_step"] = momo["polyak_step"] if math.isfinite(momo["polyak_step"]) else None
         return record
 
+    def read_pending(self) -> list[dict]:
+        """The losses, gradient norms and optimizer times of the steps trained since the last
+        read: one host read for all their tensors (where a GPU's queue drains), then the
+        optimizer's event times, which that read has made ready."""
+        tensors = [v for loss, norm, _ in self.pending for v in (loss, norm) if torch.is_tensor(v)]
+        values = iter(torch.stack([v.detach().to(self.device, torch.float64).reshape(()) for v in tensors]).tolist())
+        read = [{"loss": next(values) / self.world,
+                 "grad_norm": next(values) if torch.is_tensor(norm) else float("nan" if norm is None else norm),
+                 "opt_step_s": stopwatch.seconds()} for _, norm, stopwatch in self.pending]
+        self.pending.clear()
+        return read
+
     def fit(self) -> None:
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         # A fresh run starts a new metrics file; a resumed one appends (re-logged steps win).
-        metrics = MetricsWriter(self.out, append=bool(self.start), tensorboard=t.tensorboard) if self.rank == 0 else None
-        timing: list[float] = []
+        self.metrics = MetricsWriter(self.out, append=bool(self.start), tensorboard=t.tensorboard) if self.rank == 0 else None
+        self.timing = []
         self.engine.train_mode()
         for step in range(self.start, t.steps):
-            t0 = time.perf_counter()
-            lr = self.engine.lr
-            loss, grad_norm, t_opt = self.train_step()
-            timing.append(time.perf_counter() - t0)
-            record = self.record(step, loss, lr, grad_norm, t_opt, timing[-1], timing)
-            if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
-                self.engine.eval_mode()
-                record["val_loss"] = evaluate(self.engine.forward, self.val_windows, self.dp_rank, self.dp_size, self.device)
-                record["val_ppl"] = math.exp(record["val_loss"])
-                self.engine.train_mode()
-            if (step + 1) % t.log_every == 0 or "val_loss" in record or step == self.start:
-                self.log(format_line(record, t.steps), flush=True)
-            if metrics:
-                metrics.write(record)
-            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-                self.engine.save(step + 1, self.seen)
-            for callback in self.callbacks:
-                callback(self, step + 1)
+            self.fit_step(step)
         self.engine.wait()
-        if metrics:
-            metrics.close()
+        if self.metrics:
+            self.metrics.close()
+
+    def fit_step(self, step: int) -> None:
+        """Train one step; on the steps that log (``log_every``, the first, evaluation steps,
+        the last) or save, read every pending step's values and write their records."""
+        t = self.cfg.train
+        last = step + 1 == t.steps
+        evaluates = (step + 1) % t.eval_every == 0 or last
+        logs = (step + 1) % t.log_every == 0 or evaluates or step == self.start
+        saves = (step + 1) % t.checkpoint_every == 0 or last  # a checkpoint reads the state anyway
+        t0 = time.perf_counter()
+        lr = self.engine.lr
+        self.pending.append(self.train_step())
+        values = self.read_pending() if logs or saves else None  # waiting for the device is this step's time
+        self.timing.append(time.perf_counter() - t0)
+        self.unread.append(self.record(step, lr, self.timing[-1], self.timing))
+        if evaluates:
+            self.engine.eval_mode()
+            val_loss = evaluate(self.engine.forward, self.val_windows, self.dp_rank, self.dp_size, self.device)
+            self.engine.train_mode()
+        if values is not None:  # on checkpoint steps too: a crash loses no record
+            records, self.unread = self.unread, []
+            for record, value in zip(records, values):
+                record.update(value)
+            if evaluates:
+                records[-1].update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+            if logs and self.device.type == "cuda":
+                records[-1].update(cuda_memory_gib(self.device))
+            if logs:
+                self.log(format_line(records[-1], t.steps), flush=True)
+            if self.metrics:
+                for record in records:
+                    self.metrics.write(record)
+        if saves:
+            self.engine.save(step + 1, self.seen)
+        for callback in self.callbacks:
+            callback(self, step + 1)
 
     def finish(self) -> None:
-        peaks = [peak_memory_gib(self.device)]
+        peaks = [peak_memory(self.device)]
         if dist.is_initialized():
             peaks = [None] * self.world
-            dist.all_gather_object(peaks, peak_memory_gib(self.device))
-        self.log("peak memory per rank, GiB: " + ", ".join(f"{p:.2f}" for p in peaks))
+            dist.all_gather_object(peaks, peak_memory(self.device))
+        if self.device.type == "cuda":
+            self.log("peak memory per rank, GiB allocated (reserved, device used): "
+                     + ", ".join(f"{a:.2f} ({r:.2f}, {u:.2f})" for a, r, u in peaks))
+        else:
+            self.log("peak memory per rank, GiB: " + ", ".join(f"{p[0]:.2f}" for p in peaks))
         if self.rank == 0:
             from .plot import plot_runs
 
@@ -230,8 +296,12 @@ class Trainer:
 def format_line(record: dict, steps: int) -> str:
     val = f"  val loss {record['val_loss']:.3f} ppl {record['val_ppl']:.1f}" if "val_loss" in record else ""
     mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
+    mem = ""
+    if "mem_allocated_gib" in record:  # CUDA
+        mem = (f"  mem {record['mem_allocated_gib']:.1f} GiB (reserved {record['mem_reserved_gib']:.1f}, device "
+               f"{record['mem_device_used_gib']:.1f}/{record['mem_device_total_gib']:.0f})")
     return (f"step {record['step']:5d}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-            f"{record['tokens_per_s']:,.0f} tok/s{mfu}  opt {record['opt_step_s'] * 1e3:.0f} ms  "
+            f"{record['tokens_per_s']:,.0f} tok/s{mfu}  opt {record['opt_step_s'] * 1e3:.0f} ms{mem}  "
             f"eta {format_duration(record['eta_s'])}{val}")
 
 

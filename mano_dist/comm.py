@@ -68,6 +68,7 @@ class Collective:
     op: str
     payload_bytes: int
     group_size: int | None
+    devices: tuple[str, ...] = ()  # device types of its tensors: NCCL takes only accelerator tensors
 
     def wire_bytes(self) -> float:
         """Bytes each rank sends with a bandwidth-optimal algorithm (ring), for reporting."""
@@ -102,6 +103,12 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.calls: list[Collective] = []
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """Let torch.compile'd code (Mano(fused=True)) run under the counter: it sees the
+        collectives issued around compiled graphs; a graph that held one would show it too."""
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # An op on DTensors: let DTensor handle it *under this mode*, so the collectives its
         # redistribution issues (e.g. gathering a matrix for a matmul) are seen too; calling
@@ -119,7 +126,8 @@ class CollectiveCounter(TorchDispatchMode):
         if kind is not None:
             tensors = [args[0] if args else None, args[1] if len(args) > 1 else None, out]
             payload = max(_tensor_bytes(t) for t in tensors)
-            self.calls.append(Collective(kind, name, payload, _group_size(func, args, kwargs)))
+            devices = tuple(sorted({t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}))
+            self.calls.append(Collective(kind, name, payload, _group_size(func, args, kwargs), devices))
         return out
 
     def count(self, kind: str | None = None) -> int:
@@ -131,6 +139,10 @@ class CollectiveCounter(TorchDispatchMode):
 
     def wire_bytes(self, kind: str | None = None) -> float:
         return sum(c.wire_bytes() for c in self.calls if kind is None or c.kind == kind)
+
+    def devices(self) -> set[str]:
+        """Device types of every collective's tensors (a test asserts they are the params')."""
+        return {d for c in self.calls for d in c.devices}
 
     def summary(self) -> dict[str, tuple[int, int]]:
         """{kind: (calls, payload bytes)}."""

@@ -22,57 +22,74 @@ from torch import Tensor
 
 VARIANTS = ("v1", "v2", "both")
 
-# When the one-round formula ||T||^2 = s_dd - 2 b s_dw + b^2 s_ww keeps less than this fraction of
-# s_dd it has lost too many digits to cancellation (D nearly parallel to W along a slice); such
-# matrices take a second, exact round: form T locally and reduce sum(T^2) directly.
-CANCELLATION_TOLERANCE = 1e-2
+# Per-slice statistics are accumulated in float64 from exact products of the float32 operands.
+# Then the one-round |T|^2 = s_dd - 2 b s_dw + b^2 s_ww loses digits only when |T|^2 < ~1e-16
+# s_dd, below where forming T in float32 loses them anyway (its rounding costs ~6e-8 |D| per
+# element), so no second, exact round is needed (it cost a host read and a second all-reduce).
+STATS_DTYPE = torch.float64
 
 
 @dataclass
 class SliceSums:
     """A request to complete per-slice sums along ``axis`` over every process sharing the slice.
 
-    ``partial`` has shape ``(num_statistics, num_local_slices)`` in float32 and holds this
-    process's partial sums; the driver replies with the complete sums, same shape.
+    ``partial`` has shape ``(num_statistics, num_local_slices)`` in :data:`STATS_DTYPE` and holds
+    this process's partial sums; the driver replies with the complete sums, same shape.
     """
 
     partial: Tensor
     axis: int
 
 
-@dataclass
-class AnyTrue:
-    """A request to turn a boolean tensor into a Python bool.
-
-    The driver answers every such request of a round with one host synchronisation. The flags
-    come from sums that were all-reduced, so every rank that shares the matrix answers alike.
-    """
-
-    flag: Tensor
-
-
-MatrixStep = Generator["SliceSums | AnyTrue", "Tensor | bool", None]
+MatrixStep = Generator[SliceSums, Tensor, None]
 
 
 def momentum_directions(
-    grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool
+    grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool, skip: Tensor | None = None
 ) -> list[Tensor]:
     """Heavy-ball momentum M <- mu M + g, then the direction D (g + mu M with Nesterov, else M).
 
     With Nesterov, D is written into the gradient tensors (as torch.optim.Muon does): the
     gradient is not needed afterwards and this saves a full-size buffer per matrix.
+
+    ``skip`` (a 0-d bool tensor on the device, see :func:`skip_gate`) leaves the momentum exactly
+    as it was when true, without a host read: the gradients are zeroed and mu becomes 1.
     """
     if not bufs:
         return []
+    mu = momentum
+    if skip is not None:
+        for g in grads:
+            g.masked_fill_(skip, 0.0)
+        mu = torch.full((), momentum, dtype=bufs[0].dtype, device=skip.device).masked_fill_(skip, 1.0)
     for g, m in zip(grads, bufs):  # one fused pass per tensor (mul_ then add_ would be two)
-        torch.add(g, m, alpha=momentum, out=m)
+        if skip is None:
+            torch.add(g, m, alpha=mu, out=m)
+        else:
+            torch.addcmul(g, m, mu, out=m)
     if not nesterov:
         return list(bufs)
     torch._foreach_add_(grads, bufs, alpha=momentum)
     return list(grads)
 
 
-def update_scale(lr: float, global_shape: Sequence[int], axis: int) -> float:
+def skip_gate(lr: float, skip: Tensor | None) -> "float | Tensor":
+    """The learning rate a step applies: ``lr``, or a float64 0-d tensor that is 0 where ``skip``.
+
+    With lr = 0 the update is W * 1 - 0 * D and AdamW's moments keep their values (their mixing
+    weights are gated alike), so a skipped step changes nothing, decided on the device.
+    """
+    if skip is None:
+        return lr
+    return torch.full((), lr, dtype=torch.float64, device=skip.device).masked_fill_(skip, 0.0)
+
+
+def _add_scaled_(out: Tensor, x: Tensor, c: "float | Tensor") -> Tensor:
+    """out += c * x, for a Python number or a 0-d tensor c."""
+    return out.add_(x, alpha=c) if not torch.is_tensor(c) else out.addcmul_(x, c.to(out.dtype))
+
+
+def update_scale(lr: "float | Tensor", global_shape: Sequence[int], axis: int) -> "float | Tensor":
     """lr * 0.2 * sqrt(shape[k]): the unit-norm slices then have an RMS of 0.2, like AdamW's."""
     return lr * 0.2 * math.sqrt(global_shape[axis])
 
@@ -89,7 +106,7 @@ def mano_matrix_step(
     *,
     axis: int,
     variant: str,
-    lr: float,
+    lr: "float | Tensor",
     weight_decay: float,
     eps: float,
 ) -> MatrixStep:
@@ -139,23 +156,19 @@ def _projected(W, D, layout, axis, variant, scale, decay, eps) -> MatrixStep:
     elementwise passes over the matrix.
     """
     stats = layout.dots([(D, W), (D, D), (W, W)], axis)
-    keep, step = yield from projected_coefficients(stats, W, lambda: D, layout, axis, variant, scale, decay, eps)
-    W.mul_(layout.expand(keep, axis)).addcmul_(D, layout.expand(step, axis), value=-1.0)
+    keep, step = projected_coefficients((yield SliceSums(stats, axis)), variant, scale, decay, eps)
+    W.mul_(layout.expand(keep.to(W.dtype), axis)).addcmul_(D, layout.expand(step.to(W.dtype), axis), value=-1.0)
 
 
-def projected_coefficients(stats, W, direction, layout, axis, variant, scale, decay, eps):
-    """From this process's partial sums ``stats`` = (s_dw, s_dd, s_ww): the per-slice ``keep``
-    and ``step`` with W <- W * keep - step * D (a generator: yields the sums' completion).
+def projected_coefficients(stats: Tensor, variant: str, scale, decay, eps: float) -> tuple[Tensor, Tensor]:
+    """From the complete sums ``stats`` = (s_dw, s_dd, s_ww): the per-slice ``keep`` and
+    ``step`` with W <- W * keep - step * D, i.e. W (decay) - scale T / |T| for T = D - b W.
 
-    |T|^2 = s_dd - 2 b s_dw + b^2 s_ww. Where that cancels (see CANCELLATION_TOLERANCE) the
-    matrix takes a second, exact round on T = D - b W (``direction()`` gives D).
+    |T|^2 = s_dd - 2 b s_dw + b^2 s_ww, exact enough in float64 (see :data:`STATS_DTYPE`).
     """
-    s_dw, s_dd, s_ww = (yield SliceSums(stats, axis))
+    s_dw, s_dd, s_ww = stats
     b = _projection_coefficient(s_dw, s_ww, variant, eps)
     s_tt = s_dd - b * (2 * s_dw - b * s_ww)
-    if (yield AnyTrue((s_tt <= CANCELLATION_TOLERANCE * s_dd).logical_and_(s_dd > 0).any())):
-        T = torch.addcmul(direction(), layout.expand(b, axis), W, value=-1.0)
-        (s_tt,) = yield SliceSums(layout.dot(T, T, axis).unsqueeze(0), axis)
     coef = _normaliser(s_tt, variant, eps).reciprocal_().mul_(scale)
     return coef * b + decay, coef
 
@@ -164,13 +177,13 @@ def _both_axes(W, D, layout, axis, scale, decay, eps) -> MatrixStep:
     """The "both" rule: project along 1-k then k, normalise along 1-k then k (clamped)."""
     other = 1 - axis
     (s,) = yield SliceSums(layout.dot(D, W, other).unsqueeze(0), other)
-    U = torch.addcmul(D, layout.expand(s, other), W, value=-1.0)
+    U = torch.addcmul(D, layout.expand(s.to(W.dtype), other), W, value=-1.0)
     (s,) = yield SliceSums(layout.dot(U, W, axis).unsqueeze(0), axis)
-    U.addcmul_(layout.expand(s, axis), W, value=-1.0)
+    U.addcmul_(layout.expand(s.to(W.dtype), axis), W, value=-1.0)
     for ax in (other, axis):
         (s,) = yield SliceSums(layout.dot(U, U, ax).unsqueeze(0), ax)
-        U.div_(layout.expand(s.sqrt().clamp_(min=eps), ax))
-    W.mul_(decay).add_(U, alpha=-scale)
+        U.div_(layout.expand(s.sqrt().clamp_(min=eps).to(W.dtype), ax))
+    _add_scaled_(W.mul_(decay), U, -scale)
 
 
 def adamw_step(
@@ -180,31 +193,51 @@ def adamw_step(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     *,
-    lr: float,
+    lr: "float | Tensor",
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    skip: Tensor | None = None,
 ) -> None:
     """The fallback for embeddings, head and 1-D params, batched with foreach ops.
 
     Same rule (and operation order) as the official Mano code: eps is added to sqrt(v) before
     bias correction, and W <- W (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (eps + sqrt v).
+
+    The step counts stay tensors (each param has its own: one that missed steps has a lower
+    count) and the bias corrections are computed from them on their device, so no count is read
+    on the host. ``skip`` (0-d bool) gates everything: counts, moments and params keep their values.
     """
     if not params:
         return
-    torch._foreach_add_(steps, 1)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
+    keep = 1.0 if skip is None else (~skip).to(exp_avgs[0].dtype)
+    if skip is not None:
+        for g in grads:
+            g.masked_fill_(skip, 0.0)
+        lr = skip_gate(lr, skip) if not torch.is_tensor(lr) else lr
+    torch._foreach_add_(steps, keep if not torch.is_tensor(keep) else [keep] * len(steps))  # a list: no .item()
+    # m <- m + (1 - b1) (g - m), v <- v + (1 - b2) (g^2 - v): lerp, with the weights gated by keep.
+    delta = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(delta, keep * (1 - beta1))
+    torch._foreach_add_(exp_avgs, delta)
+    delta = torch._foreach_mul(grads, grads)
+    torch._foreach_sub_(delta, exp_avg_sqs)
+    torch._foreach_mul_(delta, keep * (1 - beta2))
+    torch._foreach_add_(exp_avg_sqs, delta)
+    del delta
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)
     del denom
     torch._foreach_mul_(params, 1 - lr * weight_decay)
-    # Params that missed steps (no grad) have their own count; batch by count (usually one).
-    by_step: dict[float, list[int]] = {}
-    for i, s in enumerate(steps):
-        by_step.setdefault(float(s), []).append(i)
-    for t, idx in by_step.items():
-        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        torch._foreach_add_([params[i] for i in idx], [updates[i] for i in idx], alpha=-step_size)
+    torch._foreach_mul_(updates, _step_sizes(steps, lr, beta1, beta2))
+    torch._foreach_sub_(params, updates)
+
+
+def _step_sizes(steps: list[Tensor], lr: "float | Tensor", beta1: float, beta2: float) -> list[Tensor]:
+    """lr sqrt(1 - b2^t) / (1 - b1^t) per param, as float64 0-d tensors on the counts' device
+    (t >= 1: a first step that was skipped must not divide by 1 - b1^0 = 0)."""
+    t = torch.stack(steps).to(torch.float64).clamp_(min=1.0)
+    sizes = (1 - torch.pow(beta2, t)).sqrt_().div_(1 - torch.pow(beta1, t)).mul_(lr)
+    return list(sizes.unbind())

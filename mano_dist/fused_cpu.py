@@ -22,19 +22,21 @@ import warnings
 import torch
 from torch import Tensor
 
-from .functional import MatrixStep, projected_coefficients, update_scale
+from .functional import STATS_DTYPE, MatrixStep, SliceSums, projected_coefficients, update_scale
 
 
-def momentum_direction_(g: Tensor, m: Tensor, momentum: float, nesterov: bool) -> None:
-    """M <- mu M + g; with Nesterov also g <- g + mu M (the direction D), in place."""
-    m_new = g + momentum * m
+def momentum_direction_(g: Tensor, m: Tensor, momentum: float, nesterov: bool, keep: Tensor) -> None:
+    """M <- mu M + g; with Nesterov also g <- g + mu M (the direction D), in place. Where the
+    0-d ``keep`` is false (a skipped step) M keeps its value and D = mu M (finite)."""
+    m_new = torch.where(keep, g + momentum * m, m)
     m.copy_(m_new)
     if nesterov:
-        g.copy_(g + momentum * m_new)
+        g.copy_(torch.where(keep, g, 0.0) + momentum * m_new)
 
 
 def row_sums(d: Tensor, w: Tensor) -> Tensor:
-    """(3, rows): per-row <d,w>, <d,d>, <w,w> of 2-D blocks (k = 1)."""
+    """(3, rows): per-row <d,w>, <d,d>, <w,w> of 2-D blocks (k = 1), in float64."""
+    d, w = d.to(STATS_DTYPE), w.to(STATS_DTYPE)
     return torch.stack([(d * w).sum(1), (d * d).sum(1), (w * w).sum(1)])
 
 
@@ -45,11 +47,12 @@ COLUMN_GROUP_ROWS = 32
 
 
 def column_sums(d: Tensor, w: Tensor) -> Tensor:
-    """(3, columns): per-column <d,w>, <d,d>, <w,w> of 2-D blocks (k = 0)."""
+    """(3, columns): per-column <d,w>, <d,d>, <w,w> of 2-D blocks (k = 0), in float64."""
     rows, cols = d.shape
     whole = rows - rows % COLUMN_GROUP_ROWS
-    dg, wg = d[:whole].view(-1, COLUMN_GROUP_ROWS, cols), w[:whole].view(-1, COLUMN_GROUP_ROWS, cols)
-    dr, wr = d[whole:], w[whole:]
+    wide = lambda t: t.to(STATS_DTYPE)  # noqa: E731 - widened after viewing (views of a copy do not trace)
+    dg, wg = wide(d[:whole].view(-1, COLUMN_GROUP_ROWS, cols)), wide(w[:whole].view(-1, COLUMN_GROUP_ROWS, cols))
+    dr, wr = wide(d[whole:]), wide(w[whole:])
     return torch.stack([(dg * wg).sum(1).sum(0) + (dr * wr).sum(0), (dg * dg).sum(1).sum(0) + (dr * dr).sum(0),
                         (wg * wg).sum(1).sum(0) + (wr * wr).sum(0)])
 
@@ -84,12 +87,16 @@ COLUMN_SUMS = _Compiled(column_sums)
 APPLY_UPDATE = _Compiled(apply_update)
 
 
-def momentum_directions(grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool) -> list[Tensor]:
+def momentum_directions(grads: list[Tensor], bufs: list[Tensor], momentum: float, nesterov: bool,
+                        skip: Tensor | None = None) -> list[Tensor]:
     """``functional.momentum_directions`` with one fused pass per run of adjacent 1-D views
     (the fragments of one flat partition are adjacent: usually one call per partition)."""
+    if not grads:
+        return []
+    keep = torch.ones((), dtype=torch.bool, device=grads[0].device) if skip is None else ~skip.to(grads[0].device)
     for g, m in _adjacent_runs(list(zip(grads, bufs))):
         if g.numel():
-            MOMENTUM_DIRECTION(g, m, momentum, nesterov)
+            MOMENTUM_DIRECTION(g, m, momentum, nesterov, keep)
     return list(grads) if nesterov else list(bufs)
 
 
@@ -112,7 +119,7 @@ def _follows(prev: Tensor, v: Tensor) -> bool:
 
 def _block_sums(d: Tensor, w: Tensor, axis: int) -> Tensor:
     if not d.numel():
-        return d.new_zeros(3, d.shape[1 - axis])
+        return d.new_zeros(3, d.shape[1 - axis], dtype=STATS_DTYPE)
     return ROW_SUMS(d, w) if axis == 1 else COLUMN_SUMS(d, w)
 
 
@@ -121,10 +128,10 @@ def block_step(weight: Tensor, direction: Tensor, block, *, axis: int, variant: 
     """``functional.mano_matrix_step`` (v1/v2) of one fp32 2-D block, with the fused passes."""
     local = _block_sums(direction, weight, axis)
     scale = update_scale(lr, block.global_shape, axis)
-    keep, step = yield from projected_coefficients(block.full_length(local, axis), weight, lambda: direction,
-                                                    block, axis, variant, scale, 1.0 - lr * weight_decay, eps)
+    sums = yield SliceSums(block.full_length(local, axis), axis)
+    keep, step = projected_coefficients(sums, variant, scale, 1.0 - lr * weight_decay, eps)
     if weight.numel():
-        APPLY_UPDATE(weight, direction, block.expand(keep, axis), block.expand(step, axis))
+        APPLY_UPDATE(weight, direction, block.expand(keep.to(weight.dtype), axis), block.expand(step.to(weight.dtype), axis))
 
 
 def fragment_step(layout, weight: Tensor, direction: Tensor, **hyper) -> MatrixStep:

@@ -3,9 +3,9 @@
 Each round, every live generator yields one request. All slice-sum requests of the round are
 packed into one flat float32 buffer per process group (ordered by the group's key, so every rank
 issues the same collectives in the same order with the same sizes), all-reduced once, and
-unpacked. Requests whose axis is local need nothing. All boolean requests of a round are
-answered with one host synchronisation; on fake tensors (a memory dry run, which has no values)
-they are answered True without one, so the dry run takes the path that allocates the most.
+unpacked. Requests whose axis is local need nothing. Nothing here reads a value on the host,
+and which collectives run depends only on the matrices' layouts, never on values, so every rank
+issues the same ones.
 """
 
 from __future__ import annotations
@@ -16,11 +16,39 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import AnyTrue, MatrixStep, SliceSums
+from .functional import MatrixStep, SliceSums
+
+
+def collective_device(group, device: torch.device) -> torch.device:
+    """Where a collective over ``group`` can take a tensor that lives on ``device``.
+
+    NCCL takes only CUDA tensors, so CPU-resident state (ZeRO-Offload partitions, FSDP2's CPU
+    offload) reduces through the group's accelerator; gloo, and groups with both backends, take
+    the tensor where it is.
+    """
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    types = [d.type for d in getattr(pg, "_device_types", ())]
+    if not types or device.type in types:
+        return device
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if accelerator is not None and accelerator.type in types:
+        return torch.device(accelerator.type, torch.accelerator.current_device_index())
+    return torch.device(types[0])
+
+
+def all_reduce_on_device(buffer: Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    """``dist.all_reduce`` of ``buffer`` in place, through :func:`collective_device` if needed."""
+    device = collective_device(group, buffer.device)
+    if device == buffer.device:
+        dist.all_reduce(buffer, op=op, group=group)
+        return
+    staged = buffer.to(device, non_blocking=True)
+    dist.all_reduce(staged, op=op, group=group)
+    buffer.copy_(staged)
 
 
 def default_all_reduce(buffer: Tensor, group) -> None:
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    all_reduce_on_device(buffer, group)
 
 
 def run_lockstep(
@@ -40,12 +68,8 @@ def run_lockstep(
                 requests.append((gen, layout, gen.send(reply)))
             except StopIteration:
                 pass
-        replies = _answer_flags([r for _, _, r in requests if isinstance(r, AnyTrue)])
-        _complete_sums([(lay, r) for _, lay, r in requests if isinstance(r, SliceSums)], all_reduce)
-        live = [
-            (gen, lay, replies[id(r)] if isinstance(r, AnyTrue) else r.partial)
-            for gen, lay, r in requests
-        ]
+        complete_sums([(lay, r) for _, lay, r in requests], all_reduce)
+        live = [(gen, lay, r.partial) for gen, lay, r in requests]
 
 
 def holds_no_values(t: Tensor) -> bool:
@@ -55,17 +79,9 @@ def holds_no_values(t: Tensor) -> bool:
     return is_fake(t)
 
 
-def _answer_flags(flags: list[AnyTrue]) -> dict[int, bool]:
-    if not flags:
-        return {}
-    if holds_no_values(flags[0].flag):
-        return {id(f): True for f in flags}
-    values = torch.stack([f.flag.reshape(()) for f in flags]).tolist()
-    return {id(f): bool(v) for f, v in zip(flags, values)}
-
-
-def _complete_sums(requests: list, all_reduce) -> None:
-    """Sum every request's partial statistics over its reduce groups, in place."""
+def complete_sums(requests: list, all_reduce) -> None:
+    """Sum every request's partial statistics (``(layout, request)`` pairs; a request has
+    ``partial`` and ``axis``) over its reduce groups, in place: one collective per group."""
     buckets: dict[tuple, tuple[object, list[Tensor]]] = {}
     for layout, request in requests:
         for rg in layout.reduce_groups(request.axis):

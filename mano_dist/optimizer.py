@@ -11,9 +11,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import VARIANTS, adamw_step, mano_matrix_step, momentum_directions
+from . import fused as fused_step
+from .functional import VARIANTS, adamw_step, mano_matrix_step, momentum_directions, skip_gate
+from .fused_driver import make_batches, run_batches
 from .layouts import is_distributed_tensor, layout_for
-from .lockstep import default_all_reduce, holds_no_values, run_lockstep
+from .lockstep import all_reduce_on_device, default_all_reduce, holds_no_values, run_lockstep
 
 ALGORITHMS = ("mano", "adamw")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -40,22 +42,25 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {', '.join(ALGORITHMS)})")
 
 
-def _default_device() -> torch.device:
-    """Where a rank with no local gradients puts its flag (NCCL needs a CUDA tensor)."""
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_distributed_tensor(t) else t
 
 
 def _nonfinite_flags(grads: list[Tensor]) -> Tensor:
-    """One bool per tensor: does it hold an inf or nan? (aminmax is ~20x faster than
-    ``_foreach_norm(inf)`` on CPU, and exact.)"""
+    """One bool per non-empty tensor, on their device: does it hold an inf or nan? (aminmax is
+    ~20x faster than ``_foreach_norm(inf)`` on CPU, and exact: unlike a sum it cannot overflow.)"""
     extremes = [torch.stack(torch.aminmax(g)).float() for g in grads if g.numel()]
-    flags = torch.zeros(len(grads), dtype=torch.bool)
-    if extremes:
-        finite = torch.isfinite(torch.stack(extremes)).all(dim=1).cpu()
-        flags[[i for i, g in enumerate(grads) if g.numel()]] = ~finite
-    return flags
+    if not extremes:
+        return torch.zeros(0, dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(extremes)).all(dim=1)
+
+
+def _any_nonfinite(grads: list[Tensor], device: torch.device) -> Tensor:
+    """A float 0-d tensor on ``device``: 1 if any gradient holds an inf or nan, else 0 (no host read)."""
+    flags = _nonfinite_flags(grads)
+    if not flags.numel():
+        return torch.zeros((), device=device)
+    return flags.any().float().to(device)
 
 
 class Mano(Optimizer):
@@ -75,17 +80,27 @@ class Mano(Optimizer):
         variant: ``"v1"`` (paper), ``"v2"`` (authors' later rule, default) or ``"both"`` (both
             axes every step).
         adamw_betas, adamw_eps: the AdamW fallback.
-        nonfinite: ``"skip"`` (default: a step with any non-finite gradient changes nothing and is
-            counted in ``skipped_steps``), ``"raise"`` (``FloatingPointError`` naming the
-            parameter) or ``"ignore"`` (no check, no synchronisation). On sharded params the
-            decision is taken collectively, so every rank skips or raises together.
+        nonfinite: ``"skip"`` (default: a step with any non-finite gradient changes no weight, no
+            momentum and no AdamW moment, and is counted in ``skipped_steps``; decided on the
+            device, so the step reads nothing on the host), ``"raise"`` (``FloatingPointError``
+            naming the parameter; this reads one flag on the host per step) or ``"ignore"``
+            (no check). On sharded params the decision is taken collectively (one 4-byte
+            all-reduce), so every rank skips or raises together.
         process_group: group over which that decision is shared (default: the world).
+        fused: step with a few compiled kernels per group of like matrices (``torch.compile``,
+            inductor: C++ on CPU, Triton on CUDA) instead of ~30 eager ops per matrix; the same
+            math and collectives. ``None`` (default): on for params on an accelerator (where
+            eager steps are launch-bound), off on CPU (where they are not, and compiling costs
+            seconds per matrix shape at the first step). If compiling fails, one warning and
+            the eager step. DeepSpeed ZeRO fragments always take the eager/offload path.
         mano_params, adamw_params, wd: the official Mano code's keywords, so its users switch
             by changing an import.
 
-    The rotation axis is k = t mod 2 where t counts optimizer steps; it is kept per param group
+    The rotation axis is k = t mod 2 where t counts ``step()`` calls; it is kept per param group
     as ``group["step"]`` (a number, so it survives ``state_dict`` and DCP), and every group
-    advances once per ``step()`` call on it, also when none of its params has a gradient.
+    advances once per ``step()`` call on it, also when none of its params has a gradient and
+    when the step is skipped (the axis is chosen on the host, before the device says whether
+    to skip). AdamW's step counts are tensors on the params' device and do not count skips.
     """
 
     def __init__(
@@ -102,6 +117,7 @@ class Mano(Optimizer):
         *,
         nonfinite: str = "skip",
         process_group=None,
+        fused: bool | None = None,
         mano_params: Iterable[Tensor] | None = None,
         adamw_params: Iterable[Tensor] | None = None,
         wd: float | None = None,
@@ -120,6 +136,9 @@ class Mano(Optimizer):
             raise ValueError(f"Invalid nonfinite: {nonfinite!r} (one of {', '.join(NONFINITE_POLICIES)})")
         self.nonfinite = nonfinite
         self.process_group = process_group
+        self._skipped: Tensor | None = None  # skips not yet folded into group["skipped_steps"]
+        self.fused = fused
+        self._compiler = fused_step.Compiler()
         self._all_reduce: Callable[[Tensor, Any], None] = default_all_reduce
         defaults = dict(
             lr=lr,
@@ -173,7 +192,7 @@ class Mano(Optimizer):
         if algorithm == "mano":
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         else:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # on the device: no host read
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -221,18 +240,47 @@ class Mano(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         self._rebind_state()
+        self._fold_skipped()
         return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also moves AdamW step counts to their params' device (checkpoints written before they
+        lived there hold CPU tensors, which torch's loader leaves on the CPU)."""
+        self._skipped = None
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_skipped", None)
         for group in self.param_groups:
             group.setdefault("step", 0)
             group.setdefault("skipped_steps", 0)
 
     @property
     def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients."""
+        """Optimizer steps skipped for non-finite gradients (reading it reads a device counter)."""
+        self._fold_skipped()
         return int(self.param_groups[0]["skipped_steps"]) if self.param_groups else 0
+
+    def _count_skipped(self, skip: Tensor) -> None:
+        if self._skipped is None or self._skipped.device != skip.device:
+            self._fold_skipped()
+            self._skipped = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self._skipped.add_(skip)
+
+    def _fold_skipped(self) -> None:
+        """Adds the device counter of skips into every group's ``skipped_steps`` (a host read,
+        made only when someone asks: ``skipped_steps``, ``state_dict``)."""
+        if self._skipped is None or holds_no_values(self._skipped):
+            return
+        count = int(self._skipped.item())
+        self._skipped = None
+        for group in self.param_groups:
+            group["skipped_steps"] += count
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -242,19 +290,39 @@ class Mano(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.nonfinite != "ignore" and not self._gradients_finite():
-            for group in self.param_groups:
-                group["skipped_steps"] += 1
-            return loss
-        matrix_steps = []
+        self._step_groups(self.param_groups, self._skip_flag())
         for group in self.param_groups:
-            if group["algorithm"] == "mano":
-                matrix_steps.extend(self._mano_group(group))
-            else:
-                self._adamw_group(group)
             group["step"] += 1
-        run_lockstep(matrix_steps, self._all_reduce)
         return loss
+
+    def _step_groups(self, groups, skip: Tensor | None) -> None:
+        """Updates ``groups``: the AdamW ones at once, the Mano ones in lockstep (one all-reduce
+        of statistics per process group and round). ``skip`` gates every update on the device."""
+        fused = self._fused_active()
+        matrix_steps, batches = [], []
+        for group in groups:
+            lr = skip_gate(group["lr"], skip)
+            if group["algorithm"] != "mano":
+                self._adamw_group(group, lr, skip, fused)
+            elif fused and self._fusable(group):
+                matrices = self._matrices(group, self._with_grads(group))
+                batches.extend(make_batches(group, matrices, lr, int(group["step"]) % 2))
+            else:
+                matrix_steps.extend(self._mano_group(group, lr, skip))
+        run_lockstep(matrix_steps, self._all_reduce)
+        run_batches(batches, skip, self._compiler, self._all_reduce)
+
+    def _fused_active(self) -> bool:
+        """Whether this step takes the compiled path (see ``fused`` in the class docstring)."""
+        if self._compiler.failed is not None:
+            return False
+        if self.fused is not None:
+            return bool(self.fused)
+        return self._state_device().type not in ("cpu", "meta")
+
+    def _fusable(self, group) -> bool:
+        """Whether a Mano group's matrices are 2-D blocks (dense or DTensor shards)."""
+        return True
 
     def _with_grads(self, group):
         return [p for p in group["params"] if p.grad is not None]
@@ -278,87 +346,118 @@ class Mano(Optimizer):
             out.append((lay.local(p), lay.local(p.grad), lay.local(self.state[p]["momentum_buffer"]), lay))
         return out
 
-    def _mano_group(self, group):
+    def _mano_group(self, group, lr, skip):
         matrices = self._matrices(group, self._with_grads(group))
         if not matrices:
             return []
         directions = self._momentum_directions(
-            [m[1] for m in matrices], [m[2] for m in matrices], group["momentum"], group["nesterov"]
+            [m[1] for m in matrices], [m[2] for m in matrices], group["momentum"], group["nesterov"], skip
         )
         axis = int(group["step"]) % 2
         return [
             (
                 self._matrix_step(
                     weight, d, lay, axis=axis, variant=group["variant"],
-                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                    lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
                 ),
                 lay,
             )
             for (weight, _, _, lay), d in zip(matrices, directions)
         ]
 
-    def _momentum_directions(self, grads, bufs, momentum, nesterov):
+    def _momentum_directions(self, grads, bufs, momentum, nesterov, skip):
         """Momentum and directions of a group's matrices (a subclass may fuse the passes)."""
-        return momentum_directions(grads, bufs, momentum, nesterov)
+        return momentum_directions(grads, bufs, momentum, nesterov, skip)
 
     def _matrix_step(self, weight, direction, layout, **hyper):
         """One matrix's step generator (a subclass whose views are not 2-D blocks overrides it)."""
         return mano_matrix_step(weight, direction, layout, **hyper)
 
-    def _adamw_group(self, group):
+    def _adamw_group(self, group, lr, skip, fused=False):
         params = self._with_grads(group)
         if not params:
             return
-        local = lambda t: t.to_local() if is_distributed_tensor(t) else t  # noqa: E731
         states = [self.state[p] for p in params]
         beta1, beta2 = group["adamw_betas"]
-        adamw_step(
-            [local(p) for p in params],
-            [local(p.grad) for p in params],
-            [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states],
+        tensors = (
+            [_local(p) for p in params],
+            [_local(p.grad) for p in params],
+            [_local(s["exp_avg"]) for s in states],
+            [_local(s["exp_avg_sq"]) for s in states],
             [s["step"] for s in states],
-            lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["adamw_eps"], weight_decay=group["weight_decay"],
         )
+        hyper = dict(beta1=beta1, beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+        if fused:
+            lr = fused_step.lr_tensor(lr, tensors[0][0].device)
+            fused_step.fused_adamw(self._compiler, *tensors, lr=lr, skip=skip, **hyper)
+        else:
+            adamw_step(*tensors, lr=lr, skip=skip, **hyper)
 
     # ---------------------------------------------------------------- non-finite gradients
-    def _shares_params_across_ranks(self, named) -> bool:
-        """Whether ranks hold different parts of the params, so must decide skip/raise together."""
-        return any(is_distributed_tensor(p) for _, _, p in named)
+    def _shares_params_across_ranks(self) -> bool:
+        """Whether ranks hold different parts of the params, so must decide skip/raise together.
+
+        Decided from the params, never from which have gradients, so a rank without gradients
+        still joins the all-reduce its peers enter."""
+        return any(is_distributed_tensor(p) for group in self.param_groups for p in group["params"])
+
+    def _state_device(self) -> torch.device:
+        """Where the step's own small tensors (the skip flag) live: the params' device."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _local_grads(self) -> list[tuple[int, int, Tensor]]:
+        return [(gi, pi, _local(p.grad)) for gi, group in enumerate(self.param_groups)
+                for pi, p in enumerate(group["params"]) if p.grad is not None]
+
+    def _found_nonfinite(self) -> Tensor:
+        """A 0-d bool tensor on the params' device: does any gradient, on any rank sharing the
+        params, hold an inf or nan? One read of every gradient, no host read; when params are
+        sharded, one 4-byte all-reduce so all ranks decide alike."""
+        grads = [g for _, _, g in self._local_grads()]
+        device = self._state_device()
+        if self._fused_active() and any(g.numel() for g in grads):
+            nonempty = [g for g in grads if g.numel()]
+            key = ("flag",) + tuple((tuple(g.shape), g.stride(), g.dtype, g.device) for g in nonempty)
+            bad = self._compiler(key, fused_step.any_nonfinite, nonempty).to(device)
+        else:
+            bad = _any_nonfinite(grads, device)
+        if self._shares_params_across_ranks() and dist.is_available() and dist.is_initialized():
+            all_reduce_on_device(bad, self.process_group, op=dist.ReduceOp.MAX)
+        return bad > 0
+
+    def _skip_flag(self) -> Tensor | None:
+        """The device-side skip decision of this step (None with ``nonfinite="ignore"``)."""
+        if self.nonfinite == "ignore":
+            return None
+        skip = self._found_nonfinite()
+        if self.nonfinite == "raise":
+            if not holds_no_values(skip) and skip.item():  # the one host read "raise" costs
+                self._raise_nonfinite()
+        else:
+            self._count_skipped(skip)
+        return skip
 
     def _gradients_finite(self) -> bool:
-        """True when every gradient is finite on every rank that shares the params.
-
-        One read of every gradient (min/max propagate nan and reach inf; unlike a sum they
-        cannot overflow on finite values) and one host sync per step, plus, when params are
-        sharded, one 4-byte all-reduce so all ranks decide alike.
-        """
-        named = [
-            (gi, pi, p)
-            for gi, group in enumerate(self.param_groups)
-            for pi, p in enumerate(group["params"])
-            if p.grad is not None
-        ]
-        grads = [p.grad.to_local() if is_distributed_tensor(p.grad) else p.grad for _, _, p in named]
-        sharded = self._shares_params_across_ranks(named)
-        if not grads and not sharded:
-            return True
-        flags = _nonfinite_flags(grads)
-        bad_local = flags.any().float() if grads else torch.zeros(())
-        bad = bad_local.to(grads[0].device if grads else _default_device(), copy=True)
-        if sharded and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
-        if holds_no_values(bad) or not bad.item():  # a dry run on fake tensors takes the full step
+        """The same decision as a Python bool (one host read), for callers that need it on the
+        host (the Momo wrappers); raises under ``nonfinite="raise"``."""
+        found = self._found_nonfinite()
+        if holds_no_values(found) or not found.item():
             return True
         if self.nonfinite == "raise":
-            if bad_local.item():
-                first = int(flags.nonzero()[0])
-                gi, pi, p = named[first]
+            self._raise_nonfinite()
+        return False
+
+    def _raise_nonfinite(self) -> None:
+        named = self._local_grads()
+        flags = _nonfinite_flags([g for _, _, g in named]).tolist()
+        nonempty = [item for item in named if item[2].numel()]
+        for (gi, pi, g), bad in zip(nonempty, flags):
+            if bad:
+                p = self.param_groups[gi]["params"][pi]
                 name = self.param_groups[gi].get("param_names", [None] * (pi + 1))[pi]
                 label = f"'{name}'" if name else f"param {pi} of group {gi}"
-                raise FloatingPointError(
-                    f"Non-finite gradient in {label} (shape {tuple(p.shape)}); nothing was updated"
-                )
-            raise FloatingPointError("Non-finite gradient on another rank; nothing was updated")
-        return False
+                raise FloatingPointError(f"Non-finite gradient in {label} (shape {tuple(p.shape)}); nothing was updated")
+        raise FloatingPointError("Non-finite gradient on another rank; nothing was updated")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.config import ModelConfig, load_config
-from launch.dryrun import PeakTracker, dry_run
+from launch.dryrun import COMPILE_NOTE, PeakTracker, dry_run, report
 from launch.model import Llama
 from launch.plan import count_parameters_by_role, main, predict_peak
 
@@ -46,9 +46,10 @@ def _small_cfg(**train):
 
 
 def test_mano_step_runs_on_fake_tensors_and_takes_the_full_path():
-    """Sharded Mano with the non-finite check on, 4 fake ranks: the step runs, counts as taken,
-    and answers the cancellation check with the exact second round (the path that allocates the
-    most): 1 all-reduce for the non-finite flag + 2 rounds of slice sums over dp."""
+    """Sharded Mano with the non-finite check on, 4 fake ranks, eager and fused: the step runs
+    with nothing to read on the host (the skip is decided on the device), counts as taken, and
+    issues 1 all-reduce for the non-finite flag + 1 round of slice sums over dp (the fused path
+    runs its segments eagerly on fake tensors: the same collectives)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -61,17 +62,22 @@ def test_mano_step_runs_on_fake_tensors_and_takes_the_full_path():
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = Llama(SMALL)
             shard_model(model, mesh)
-            opt = Mano(mano_param_groups(model), lr=0.01, nonfinite="skip")
-            tokens = torch.randint(0, SMALL.vocab_size, (2, 17))
-            F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            with CollectiveCounter() as cc:
-                opt.step()
+            counters = []
+            for fused in (False, True):
+                opt = Mano(mano_param_groups(model), lr=0.01, nonfinite="skip", fused=fused)
+                tokens = torch.randint(0, SMALL.vocab_size, (2, 17))
+                F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+                with CollectiveCounter() as cc:
+                    opt.step()
+                counters.append([(c.kind, c.payload_bytes) for c in cc.calls])
+                model.zero_grad()
             weight = model.layers[0].attention.wq.weight
             assert is_fake(weight.to_local())
     finally:
         dist.destroy_process_group()
     assert opt.skipped_steps == 0 and all(g["step"] == 1 for g in opt.param_groups)
-    assert cc.count() == cc.count("all_reduce") == 3, cc.summary()
+    assert cc.count() == cc.count("all_reduce") == 2, cc.summary()
+    assert counters[0] == counters[1], counters
 
 
 def test_dry_run_categories_are_the_exact_shards():
@@ -85,6 +91,20 @@ def test_dry_run_categories_are_the_exact_shards():
     assert r.optimizer_state == (4 * c.matrix_elements + 8 * c.fallback) // 4 + 4 * n_adamw
     assert r.peak > r.params + r.grads + r.optimizer_state
     assert "aten._scaled_dot_product_flash_attention_for_cpu" in r.attention_ops
+
+
+def test_dry_run_says_compiled_blocks_are_traced_eager():
+    """torch.compile cannot run on the fake tensors under the tracker: the dry run traces the
+    eager blocks (the same peak as without compile) and its report says so, once, above the
+    verdict line that scripts read."""
+    compiled = dry_run(_small_cfg(global_batch=16, micro_batch=2, compile=True), 2)
+    eager = dry_run(_small_cfg(global_batch=16, micro_batch=2), 2)
+    assert compiled.compile_traced_eager and not eager.compile_traced_eager
+    assert compiled.peak == eager.peak
+    lines, _ = report(compiled, 80)
+    assert lines.count(COMPILE_NOTE) == 1 and lines[-2] == COMPILE_NOTE and LINE.match(lines[-1]), lines
+    assert COMPILE_NOTE.startswith("note: train.compile = true is traced eager") and "fake" in COMPILE_NOTE
+    assert "inductor" in COMPILE_NOTE and COMPILE_NOTE not in report(eager, 80)[0]
 
 
 @pytest.mark.parametrize("checkpoint", ["none", "full"])

@@ -128,11 +128,9 @@ def _check_results(results, kind, world_size):
                     if variant == "both":  # two stages reduce over rows on every step
                         assert sizes == [slices * 8, slices * 8], (variant, step, calls)
                     elif axis == 0:  # s_dw, s_dd, s_ww of every matrix in ONE all-reduce
-                        # (float64 here: 8 bytes). Slices where the one-round formula cancels
-                        # (here: v1 on the 1-row w4, and a dead-ReLU column of w2) take an exact
-                        # second round holding one statistic of the affected matrices only.
-                        assert sizes[0] == 3 * slices * 8, (variant, step, calls)
-                        assert len(sizes) <= 2 and sum(sizes[1:]) < slices * 8, (variant, step, calls)
+                        # (float64 statistics: 8 bytes), also where the formula cancels (v1 on
+                        # the 1-row w4, a dead-ReLU column of w2): no second round exists.
+                        assert sizes == [3 * slices * 8], (variant, step, calls)
                     else:
                         assert calls == [], f"{variant} step {step}: axis 1 is local but got {calls}"
                     assert all(c[2] == world_size // (2 if kind == "hsdp" else 1) for c in calls)
@@ -145,12 +143,8 @@ def _check_results(results, kind, world_size):
                     sizes = [c[1] for c in calls]
                     if variant == "both":  # four one-statistic stages: along 1-axis, axis, 1-axis, axis
                         assert sizes == (one_stat[1 - axis] + one_stat[axis]) * 2, (variant, step, calls)
-                    else:  # s_dw, s_dd, s_ww per group (+ the exact round where the formula cancels:
-                        # one statistic of the affected matrices only)
-                        first = [3 * b for b in one_stat[axis]]
-                        assert sizes[:len(first)] == first, (variant, step, calls)
-                        extra = sizes[len(first):]
-                        assert len(extra) <= len(first) and sum(extra) <= sum(one_stat[axis]), (variant, step, calls)
+                    else:  # s_dw, s_dd, s_ww per group, one round
+                        assert sizes == [3 * b for b in one_stat[axis]], (variant, step, calls)
 
 
 @pytest.mark.distributed
@@ -182,7 +176,9 @@ def test_tensor_parallel_plus_fsdp2_matches_single_process(tmp_path):
 
 def _nonfinite_and_regression(rank, world_size):
     """NaN in one rank's shard: every rank skips (or raises) together; skip costs one 4-byte
-    all-reduce; the counter catches a full-matrix gather by DTensor's own ops."""
+    all-reduce, on the params' device, beside the step's usual statistics (the skip is decided
+    on the device, so the step's collectives do not depend on values); the counter catches a
+    full-matrix gather by DTensor's own ops."""
     from torch.distributed.tensor import DTensor
 
     from mano_dist import CollectiveCounter, Mano, mano_param_groups
@@ -200,8 +196,8 @@ def _nonfinite_and_regression(rank, world_size):
         try:
             with CollectiveCounter() as cc:
                 opt.step()
-            out[policy] = {"skipped": opt.skipped_steps, "comm": cc.summary(),
-                           "step": opt.param_groups[0]["step"]}
+            out[policy] = {"skipped": opt.skipped_steps, "comm": [(c.kind, c.payload_bytes) for c in cc.calls],
+                           "devices": cc.devices(), "step": opt.param_groups[0]["step"]}
         except FloatingPointError as e:
             out[policy] = {"raised": str(e)}
         out[policy]["unchanged"] = all(torch.equal(p.detach().to_local(), before[n]) for n, p in model.named_parameters())
@@ -232,11 +228,57 @@ def _nonfinite_and_regression(rank, world_size):
 def test_nonfinite_decided_collectively_and_gather_regression_detected(tmp_path):
     results = run_distributed(_nonfinite_and_regression, 2, tmp_path)
     for rank, r in enumerate(results):
-        assert r["skip"]["skipped"] == 1 and r["skip"]["step"] == 0 and r["skip"]["unchanged"]
+        # the rotation counts step() calls; weights and momentum are untouched
+        assert r["skip"]["skipped"] == 1 and r["skip"]["step"] == 1 and r["skip"]["unchanged"]
         assert r["skip"]["momentum_zero"]
-        assert r["skip"]["comm"] == {"all_reduce": (1, 4)}, r["skip"]["comm"]  # the 4-byte decision
+        flag, *stats = r["skip"]["comm"]
+        assert flag == ("all_reduce", 4) and [k for k, _ in stats] == ["all_reduce"], r["skip"]["comm"]
+        assert r["skip"]["devices"] == {"cpu"}
         assert r["raise"]["unchanged"] and "raised" in r["raise"]
         expected = "'w3.weight'" if rank == 1 else "another rank"
         assert expected in r["raise"]["raised"], r["raise"]["raised"]
         assert "all_gather" in r["gathering_kinds"], r["gathering_kinds"]
         assert "all_gather" in r["matmul_kinds"], r["matmul_kinds"]
+
+
+def _rank_without_gradients(rank, world_size):
+    """Rank 1 has no gradients on an axis-1 step (its statistics are local): it must still
+    join the non-finite flag's all-reduce rank 0 enters (it used to return first: a hang)."""
+    from mano_dist import CollectiveCounter, Mano, mano_param_groups
+
+    torch.manual_seed(0)
+    model = _shard(Net(), "fsdp", world_size)
+    opt = Mano(mano_param_groups(model), **HP)
+    x = torch.randint(0, 11, (8, 4), generator=torch.Generator().manual_seed(0))
+    calls = []
+    for step in range(2):
+        model(x).pow(2).mean().backward()
+        if step == 1 and rank == 1:
+            opt.zero_grad(set_to_none=True)
+        with CollectiveCounter() as cc:
+            opt.step()
+        calls.append([(c.kind, c.payload_bytes, c.devices) for c in cc.calls])
+        opt.zero_grad()
+    return calls
+
+
+@pytest.mark.distributed
+def test_rank_without_gradients_issues_the_same_collectives(tmp_path):
+    results = run_distributed(_rank_without_gradients, 2, tmp_path, timeout=300)
+    assert results[0][1] == results[1][1] == [("all_reduce", 4, ("cpu",))], results
+
+
+def test_collective_device_follows_the_backend():
+    """CPU state over a CUDA-only backend (NCCL with ZeRO-Offload) reduces through the
+    accelerator; a backend that takes CPU tensors (gloo, or gloo+nccl) takes them where they are."""
+    from mano_dist.lockstep import collective_device
+
+    class Group:
+        def __init__(self, *types):
+            self._device_types = [torch.device(t) for t in types]
+
+    cpu = torch.device("cpu")
+    assert collective_device(Group("cuda", "cpu"), cpu) == cpu
+    assert collective_device(Group("cpu"), cpu) == cpu
+    assert collective_device(Group("cuda"), cpu).type == "cuda"
+    assert collective_device(Group("cuda"), torch.device("cuda", 0)) == torch.device("cuda", 0)

@@ -8,12 +8,16 @@
 - bf16 mixed precision (FSDP2 policy): trains, checkpoints fp32 masters, reshards 2 -> 1;
 - compile (with checkpointing and micro-batches): the same losses as eager;
 - DeepSpeed batch keys and ``[optim]``: honoured, or a conflict refused, before any collective;
-- metrics: ETA, MFU's FLOP count and the TensorBoard scalars.
+- metrics: ETA, MFU's FLOP count and peak table, and the TensorBoard scalars;
+- host reads: a step that does not log reads nothing on the host, a logging step reads once,
+  and the records are those of a run that logs every step; gradient clipping on the device
+  equals the host-side formula it replaced (FSDP2, and TP's two meshes, 2 ranks).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -216,6 +220,180 @@ def test_metrics_eta_mfu_and_tensorboard(tmp_path):
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_bf16_flops("Tesla T4") is None
+
+
+def test_mfu_peak_by_exact_device_name_and_dtype():
+    """Whole name tokens, the most specific entry winning: "L40" is not "L4", "H20" not "H200";
+    the China and Blackwell parts have peaks; fp32 runs are measured against fp32/tf32 peaks."""
+    from launch.metrics import PEAK_FLOPS, compute_dtype, peak_flops
+
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA L40") == 181.05e12 != peak_flops("NVIDIA L4")
+    assert peak_flops("NVIDIA L40S") == 362.05e12
+    assert peak_flops("NVIDIA H20") == 148e12 and peak_flops("NVIDIA H200") == 989e12
+    for name in ("NVIDIA H800", "NVIDIA H800 PCIe", "NVIDIA H20", "NVIDIA GB200", "NVIDIA B200", "NVIDIA H200 NVL",
+                 "NVIDIA H100 NVL", "NVIDIA GH200 480GB", "NVIDIA A100 80GB PCIe"):
+        assert all(peak_flops(name, dtype) for dtype in ("bf16", "tf32", "fp32")), name
+    assert peak_flops("NVIDIA H800 PCIe") == 756e12 and peak_flops("NVIDIA H800") == 989e12
+    assert peak_flops("NVIDIA GB200") == 2500e12 and peak_flops("NVIDIA B200") == 2250e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB", "fp32") == 19.5e12
+    assert peak_flops("NVIDIA A100-SXM4-40GB", "tf32") == 156e12
+    assert peak_flops("NVIDIA A10G") == 70e12 and peak_flops("NVIDIA A10G", "fp32") is None
+    assert peak_flops("NVIDIA GeForce RTX 4090") is None and peak_flops("AMD Instinct MI300X") is None
+    for key, peaks in PEAK_FLOPS.items():  # every entry is reached by its own name, none shadowed
+        assert all(peak_flops("NVIDIA " + " ".join(key), dtype) == v for dtype, v in peaks.items()), key
+    assert compute_dtype(True) == "bf16"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert compute_dtype(False) == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert compute_dtype(False) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+class _HostReadsPerStep:
+    """A trainer callback: the host reads that ``launch/`` code makes during each step, counted
+    from the previous step's callback to this one's (so from the second step on). Reads inside
+    ``mano_dist`` (the optimizer's own, being removed separately) are filtered out by site."""
+
+    def __init__(self, steps: int):
+        self.steps, self.counter, self.reads = steps, None, {}
+
+    def __call__(self, trainer, done: int) -> None:
+        from mano_dist.dispatch import DispatchCounter
+
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.reads[done] = [s for s in self.counter.host_read_sites if "/launch/" in s]
+        self.counter = None
+        if done < self.steps:
+            self.counter = DispatchCounter()
+            self.counter.__enter__()
+
+
+def test_only_logging_steps_read_the_host_and_records_are_unchanged(tmp_path):
+    """One process, 6 steps, logging every 3rd (evaluation and checkpoint at the last): steps 2,
+    4 and 5 make no host read in the trainer's code (loss, gradient norm and optimizer time stay
+    on the device); step 3 reads once, all pending steps together; and every step's record
+    equals that of the same run logging every step."""
+    from launch.train import main
+
+    every = ["--config", str(ROOT / "configs" / "llama_tiny.toml"), *SMALL, "--resume", "none",
+             "--set", "train.steps=6", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6"]
+    counter = _HostReadsPerStep(6)
+    assert main([*every, "--out-dir", str(tmp_path / "third"), "--set", "train.log_every=3"], callbacks=[counter]) == 0
+    reads = counter.reads
+    assert reads.keys() == {2, 3, 4, 5, 6}
+    assert reads[2] == reads[4] == reads[5] == [], reads
+    assert len(reads[3]) == 1 and "Tensor.tolist at" in reads[3][0] and "launch/train.py" in reads[3][0], reads
+    assert reads[6] and all("launch/train.py" in site for site in reads[6]), reads  # + evaluation's one read
+
+    assert main([*every, "--out-dir", str(tmp_path / "all"), "--set", "train.log_every=1"]) == 0
+    third, all_ = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                   for d in ("third", "all"))
+    assert [r["step"] for r in third] == [r["step"] for r in all_] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(third, all_):
+        keys = ("loss", "grad_norm", "lr", "tokens")
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, (a, b)
+        assert a["opt_step_s"] > 0 and math.isfinite(a["grad_norm"])
+    assert third[-1]["val_loss"] == all_[-1]["val_loss"]
+
+
+def test_deepspeed_engine_step_leaves_the_gradient_norm_unread():
+    """DeepSpeed's norm comes back as DeepSpeed holds it (a tensor here), read by no one."""
+    from launch.engines import DeepSpeedEngine
+    from mano_dist.dispatch import DispatchCounter
+
+    class FakeEngine:
+        device = torch.device("cpu")
+
+        def step(self):
+            self.norm = torch.ones(()) * 2
+
+        def get_global_grad_norm(self):
+            return self.norm
+
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    engine.engine = FakeEngine()
+    with DispatchCounter() as dc:
+        norm, stopwatch = engine.step(None)
+    assert dc.host_reads == 0 and torch.is_tensor(norm) and float(norm) == 2.0 and stopwatch.seconds() >= 0
+
+
+def _clip_like_before(params, max_norm: float) -> float:
+    """The host-side formula ``clip_grad_norm`` used before (one ``float()`` per mesh): the reference."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    total_sq = 0.0
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total_sq += float(norm) ** 2
+    total = math.sqrt(total_sq)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def _clipping_cases(rank, world_size):
+    """Per case (tp, max_norm, poison): the old and new norms, the largest gradient difference
+    (NaN-aware: 0 when equal, NaNs included), and the new clip's host reads."""
+    import torch.nn.functional as F
+
+    from launch.model import build_model
+    from launch.parallel import build_mesh, clip_grad_norm
+    from mano_dist.dispatch import DispatchCounter
+
+    results = []
+    for tp in (1, 2):  # FSDP2 over 2 ranks; dp 1 x tp 2: blocks on the 2-D mesh, embedding and head on the 1-D
+        cfg = _config(f"parallel.tp={tp}")
+        model = build_model(cfg, build_mesh(torch.device("cpu"), world_size, tp), torch.device("cpu"))
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+        with torch.enable_grad():
+            F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        params = list(model.parameters())
+        grads = [_local(p.grad).clone() for p in params]
+
+        def reset(poison):
+            for p, g in zip(params, grads):
+                _local(p.grad).copy_(g)
+            if poison:  # on every rank's shard of the first matrix
+                _local(params[1].grad).view(-1)[0] = poison
+
+        for max_norm, poison in ((1e-3, 0.0), (1e9, 0.0), (1.0, 0.0), (1e-3, float("nan")), (1e-3, float("inf"))):
+            reset(poison)
+            want = _clip_like_before(params, max_norm)
+            want_grads = [_local(p.grad).clone() for p in params]
+            reset(poison)
+            with DispatchCounter() as dc:
+                got = clip_grad_norm(params, max_norm)
+            diff = max(((_local(p.grad) - w).nan_to_num(0.0).abs().max().item() if w.numel() else 0.0) +
+                       (0.0 if torch.equal(_local(p.grad).isnan(), w.isnan()) else math.inf)
+                       for p, w in zip(params, want_grads))
+            results.append(((tp, max_norm, poison), want, got.item(), got.dtype, diff, dc.host_reads))
+    return results
+
+
+@pytest.mark.distributed
+def test_device_side_clipping_equals_the_host_formula(tmp_path):
+    """``clip_grad_norm`` on FSDP2 DTensor gradients (2 ranks; and dp 1 x tp 2, two meshes): the
+    norm and the clipped gradients equal the host-side formula's, bit for bit (clipping, not
+    clipping, a NaN norm that scales nothing, an inf norm), with no host read."""
+    for rank_results in run_distributed(_clipping_cases, 2, tmp_path):
+        for case, want, got, dtype, diff, reads in rank_results:
+            assert dtype == torch.float64 and reads == 0, (case, dtype, reads)
+            assert got == want or (math.isnan(want) and math.isnan(got)), (case, want, got)
+            assert diff == 0.0, (case, diff)
 
 
 # DeepSpeed JSON vs train.* / [optim]: resolved before any process group, as a pure function.

@@ -19,7 +19,10 @@ caps the step; ``f_star`` defaults to 0, a lower bound of cross-entropy.
 Cost: one extra buffer per param (d) and, during ``step()``, a copy of the params (to read D
 off the base step). Distributed: the four global numbers (mean loss, <d, x>, <g, x>, <d, D>) ride
 one all-reduce of 4 float64 per step; each rank's local sums are weighted by 1 / (ranks holding
-the same elements), so replicated params (HSDP, plain tensors) are not counted twice.
+the same elements), so replicated params (HSDP, plain tensors) are not counted twice. The four
+are built on the params' device (NCCL all-reduces only accelerator tensors) and read on the host
+once, after the all-reduce: the Polyak step is a host number (it is min'ed with each group's lr
+and kept in ``param_groups`` for checkpoints). With Mano's non-finite check, that is a second read.
 
 Usage: ``opt.step(loss=loss.detach())`` after ``backward()``, or ``opt.step(closure)``.
 """
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .tensors import global_sums, local, weighted_dot
+from .tensors import global_sums, local, sum_device, weighted_dot
 
 MOMO_GROUP_KEYS = ("momo_loss_avg", "momo_gx_avg", "momo_steps")
 
@@ -71,37 +74,19 @@ class MomoMixin:
             return loss
         beta = self.momo_beta
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = sum_device(params, self._momo_group)
         ds = [self.state[p]["momo_d"] for p in params]
         for p, d in zip(params, ds):
             local(d).lerp_(local(p.grad), 1 - beta)
         # Before the base step (Mano's Nesterov writes into the gradients): <g, x>, <d, x>.
-        gx, dx = weighted_dot([(p.grad, p) for p in params]), weighted_dot(list(zip(ds, params)))
+        gx, dx = weighted_dot([(p.grad, p) for p in params], device), weighted_dot(list(zip(ds, params)), device)
         x_old = [local(p).clone() for p in params]
-        lrs = [g["lr"] for g in self.param_groups]
-        policy = getattr(self, "nonfinite", None)
-        try:
-            for g in self.param_groups:
-                g["lr"] = 1.0
-            if policy is not None:
-                self.nonfinite = "ignore"  # decided above, collectively
-            super().step()
-        finally:
-            for g, lr in zip(self.param_groups, lrs):
-                g["lr"] = lr
-            if policy is not None:
-                self.nonfinite = policy
-        directions = []  # D = x_old - x_new, into the copies
-        for p, x in zip(params, x_old):
-            directions.append(x.sub_(local(p)))
-        dD = torch.zeros((), dtype=torch.float64)
-        for p, d, D in zip(params, ds, directions):
-            if D.numel():
-                dD += torch.vdot(local(d).reshape(-1).double(), D.reshape(-1).double()).cpu() / _replication(p)
+        self._base_step_at_lr_one()
+        directions = [x.sub_(local(p)) for p, x in zip(params, x_old)]  # D = x_old - x_new, in the copies
+        dD = weighted_dot(list(zip(ds, directions)), device)  # d is laid out like p: its replication
         world = dist.get_world_size(self._momo_group) if dist.is_available() and dist.is_initialized() else 1
-        loss_value = float(loss.detach().double().mean()) if torch.is_tensor(loss) else float(loss)
-        sums = global_sums(torch.stack([torch.tensor(loss_value / world, dtype=torch.float64), gx, dx, dD]),
-                           self._momo_group)
-        loss_mean, gx, dx, dD = (float(v) for v in sums)
+        sums = global_sums(torch.stack([_loss_sum(loss, device) / world, gx, dx, dD]), self._momo_group)
+        loss_mean, gx, dx, dD = sums.tolist()  # the step's one host read of Momo's own
 
         first = self.param_groups[0]
         k = first["momo_steps"] + 1
@@ -121,8 +106,27 @@ class MomoMixin:
             local(p).add_(D, alpha=1.0 - tau)  # x_new = x_old - D  ->  x_old - tau D
         return loss
 
+    def _base_step_at_lr_one(self) -> None:
+        """The base optimizer's step at lr 1 (its direction D); the non-finite check was made
+        collectively before, so the base must not repeat it."""
+        lrs = [g["lr"] for g in self.param_groups]
+        policy = getattr(self, "nonfinite", None)
+        try:
+            for g in self.param_groups:
+                g["lr"] = 1.0
+            if policy is not None:
+                self.nonfinite = "ignore"
+            super().step()
+        finally:
+            for g, lr in zip(self.param_groups, lrs):
+                g["lr"] = lr
+            if policy is not None:
+                self.nonfinite = policy
 
-def _replication(p):
-    from .tensors import replication
 
-    return replication(p)
+def _loss_sum(loss, device: torch.device) -> torch.Tensor:
+    """The step's loss as a float64 0-d tensor on ``device``, read on the host only with the
+    other sums (a device loss's mean stays on the device)."""
+    if torch.is_tensor(loss):
+        return loss.detach().double().mean().to(device)
+    return torch.tensor(float(loss), dtype=torch.float64, device=device)

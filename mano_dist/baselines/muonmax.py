@@ -17,7 +17,9 @@ AdamW part is not scaled by N (the summary's "AdamW-like rule for the rest").
 
 Under FSDP2 each matrix's momentum is gathered whole (``full_tensor``) to orthogonalise it, as
 Muon must; every rank then holds the same full M_l and P_l, so N needs no further collective,
-and each rank keeps its own shard of P_l. ``Momo`` (``momo.py``) wraps this optimizer too.
+and each rank keeps its own shard of P_l. N is a float64 tensor on the params' device that
+scales the update there: the step reads nothing back to the host (``_last_nuclear`` holds it).
+``Momo`` (``momo.py``) wraps this optimizer too.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.optim import Optimizer
 from ..functional import adamw_step
 from .polar import newton_schulz
 from .state import init_param_state
-from .tensors import full, local, local_part
+from .tensors import full, local, local_part, sum_device
 
 ALGORITHMS = ("muonmax", "adamw")
 
@@ -79,35 +81,48 @@ class MuonMax(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Pass 1: momentum, polar factors (local shards kept) and the global scalar N.
-        polar: dict[Tensor, Tensor] = {}
-        nuclear = 0.0
+        polar, nuclear = self._polar_factors()
         for group in self.param_groups:
-            if group["algorithm"] != "muonmax":
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                M = self.state[p]["momentum_buffer"]
-                local(M).lerp_(local(p.grad), 1 - group["momentum"])
-                M_full = full(M)
-                P_full = newton_schulz(M_full, group["ns_steps"])
-                nuclear += float(torch.vdot(M_full.reshape(-1).double(), P_full.reshape(-1).double()))
-                polar[p] = local_part(P_full, M)
-        # Pass 2: the updates.
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             if group["algorithm"] == "muonmax":
-                for p in group["params"]:
-                    if p in polar:
-                        local(p).mul_(1 - lr * wd).add_(polar[p].view_as(local(p)), alpha=-lr * group["scale"] * nuclear)
+                self._muonmax_update(group, polar, nuclear)
             else:
-                params = [p for p in group["params"] if p.grad is not None]
-                states = [self.state[p] for p in params]
-                adamw_step([local(p) for p in params], [local(p.grad) for p in params],
-                           [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
-                           [s["step"] for s in states], lr=lr, beta1=group["adamw_betas"][0],
-                           beta2=group["adamw_betas"][1], eps=group["adamw_eps"], weight_decay=wd)
+                self._adamw_update(group)
             group["step"] += 1
         self._last_nuclear = nuclear
         return loss
+
+    def _polar_factors(self) -> tuple[dict[Tensor, Tensor], Tensor]:
+        """Pass 1: momentum, polar factors (local shards kept) and the global scalar N, summed
+        on the params' device (a host read per matrix would sync the GPU once per matrix)."""
+        matrices = [(g, p) for g in self.param_groups if g["algorithm"] == "muonmax"
+                    for p in g["params"] if p.grad is not None]
+        nuclear = torch.zeros((), dtype=torch.float64, device=sum_device([p for _, p in matrices]))
+        polar: dict[Tensor, Tensor] = {}
+        for group, p in matrices:
+            M = self.state[p]["momentum_buffer"]
+            local(M).lerp_(local(p.grad), 1 - group["momentum"])
+            M_full = full(M)
+            P_full = newton_schulz(M_full, group["ns_steps"])
+            nuclear += torch.vdot(M_full.reshape(-1).double(), P_full.reshape(-1).double()).to(nuclear.device)
+            polar[p] = local_part(P_full, M)
+        return polar, nuclear
+
+    @staticmethod
+    def _muonmax_update(group: dict[str, Any], polar: dict[Tensor, Tensor], nuclear: Tensor) -> None:
+        """W <- (1 - lr wd) W - lr s N P, with N a device tensor (no host read)."""
+        params = [p for p in group["params"] if p in polar]
+        if not params:
+            return
+        lr = group["lr"]
+        weights = [local(p) for p in params]
+        torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
+        steps = torch._foreach_mul([polar[p].view_as(w) for p, w in zip(params, weights)], nuclear * (-lr * group["scale"]))
+        torch._foreach_add_(weights, steps)
+
+    def _adamw_update(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [self.state[p] for p in params]
+        adamw_step([local(p) for p in params], [local(p.grad) for p in params],
+                   [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+                   [s["step"] for s in states], lr=group["lr"], beta1=group["adamw_betas"][0],
+                   beta2=group["adamw_betas"][1], eps=group["adamw_eps"], weight_decay=group["weight_decay"])

@@ -6,6 +6,9 @@
 - ``replication(t)``: on how many ranks each local element of ``t`` lives, so a world-wide SUM of
   ``local_sum / replication`` counts every element exactly once (HSDP replicate dims, and plain
   tensors held on every rank).
+- ``sum_device(tensors)`` / ``weighted_dot(pairs)``: global sums live on the params' device, so
+  NCCL can all-reduce them (it rejects CPU tensors) and building them reads nothing back to the
+  host; the caller reads the result once, where it needs a host number.
 """
 
 from __future__ import annotations
@@ -54,11 +57,23 @@ def global_sums(values: Tensor, group=None) -> Tensor:
     return values
 
 
-def weighted_dot(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """sum_p <x_p, y_p> / replication(p) over this rank's local shards, in float64."""
-    total = torch.zeros((), dtype=torch.float64)
+def sum_device(tensors, group=None) -> torch.device:
+    """Where a global sum over ``tensors`` lives: the device of the first one's local shard.
+    A rank without tensors takes the device its collectives need (CUDA under NCCL)."""
+    for t in tensors:
+        return local(t).device
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def weighted_dot(pairs: list[tuple[Tensor, Tensor]], device: torch.device | None = None) -> Tensor:
+    """sum_p <x_p, y_p> / replication(p) over this rank's local shards, in float64, as a 0-d
+    tensor on ``device`` (default: the first x's), without a host read."""
+    device = sum_device([x for x, _ in pairs]) if device is None else device
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in pairs:
         lx, ly = local(x), local(y)
         if lx.numel():
-            total += torch.vdot(lx.reshape(-1).double(), ly.reshape(-1).double()).cpu() / replication(x)
+            total += torch.vdot(lx.reshape(-1).double(), ly.reshape(-1).double()).to(device) / replication(x)
     return total

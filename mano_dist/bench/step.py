@@ -1,9 +1,11 @@
-"""Single-process optimizer step time and state size: Mano vs AdamW (foreach) vs torch.optim.Muon.
+"""Single-process optimizer step: Mano (eager and fused) vs AdamW (foreach and fused) vs
+torch.optim.Muon: time, dispatched ops and host reads per step, and state size.
 
 The tensors are the hidden weight matrices of a LLaMA model (default: the 130M preset, 84
 matrices, 85M elements), with random gradients; every optimizer steps the same tensors in the
 same run, so the printed ratios are meaningful on a noisy machine even when the absolute times
-are not. Usage::
+are not. Ops and host reads are counted with ``mano_dist.dispatch.DispatchCounter`` over one
+step after warm-up (on a GPU each op is a kernel launch and each host read a stall). Usage::
 
     python -m mano_dist.bench step [--model 130m] [--steps 10] [--variants v2 v1 both]
 """
@@ -17,6 +19,7 @@ import time
 import torch
 
 from mano_dist import Mano
+from mano_dist.dispatch import DispatchCounter
 
 # (layers, hidden, ffn) of the paper's LLaMA presets (shared/notes/algorithm.md).
 LLAMA_SHAPES = {
@@ -42,7 +45,16 @@ def make_params(shapes, seed=0):
     return params
 
 
-def time_steps(opt, params, grads, steps: int, warmup: int = 1) -> list[float]:
+def count_step(opt, params, grads) -> tuple[int, int]:
+    """(dispatched ops, host reads) of one step."""
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)
+    with DispatchCounter() as dc:
+        opt.step()
+    return dc.ops, dc.host_reads
+
+
+def time_steps(opt, params, grads, steps: int, warmup: int = 2) -> list[float]:
     """Seconds per step; grads are restored before each step (Mano's Nesterov writes into them)."""
     times = []
     for i in range(warmup + steps):
@@ -69,6 +81,7 @@ def main(argv=None) -> None:
     ap.add_argument("--muon-steps", type=int, default=2, help="Muon is slow on CPU: fewer timed steps")
     ap.add_argument("--variants", nargs="+", default=["v2", "v1", "both"])
     ap.add_argument("--no-muon", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="skip Mano(fused=True) (compiling takes a minute)")
     args = ap.parse_args(argv)
 
     shapes = llama_matrix_shapes(args.model, args.layers)
@@ -79,26 +92,30 @@ def main(argv=None) -> None:
           f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     results = {}
-    adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=True)
-    results["adamw"] = (statistics.median(time_steps(adamw, params, grads, args.steps)), state_bytes(adamw))
-    del adamw
+
+    def measure(name, opt, steps):
+        times = time_steps(opt, params, grads, steps)  # warm-up compiles both rotation axes
+        results[name] = (statistics.median(times), state_bytes(opt), *count_step(opt, params, grads))
+
+    measure("adamw", torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=True), args.steps)
+    measure("adamw-fused", torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True), args.steps)
     for variant in args.variants:
-        mano = Mano(params, lr=1e-3, variant=variant)
-        results[f"mano-{variant}"] = (statistics.median(time_steps(mano, params, grads, args.steps)), state_bytes(mano))
-        del mano
+        measure(f"mano-{variant}", Mano(params, lr=1e-3, variant=variant, fused=False), args.steps)
+        if not args.no_fused:
+            measure(f"mano-{variant}-fused", Mano(params, lr=1e-3, variant=variant, fused=True), args.steps)
     if not args.no_muon and hasattr(torch.optim, "Muon"):
-        muon = torch.optim.Muon(params, lr=1e-3, weight_decay=0.1)
-        results["muon"] = (statistics.median(time_steps(muon, params, grads, args.muon_steps)), state_bytes(muon))
-        del muon
+        measure("muon", torch.optim.Muon(params, lr=1e-3, weight_decay=0.1), args.muon_steps)
 
-    t_adamw, b_adamw = results["adamw"]
+    t_fused, b_adamw = results["adamw-fused"][0], results["adamw"][1]
     t_muon = results.get("muon", (None,))[0]
-    print(f"{'optimizer':<12}{'step ms':>10}{'vs AdamW':>10}{'Muon / it':>11}{'state MB':>10}{'vs AdamW':>10}")
-    for name, (t, b) in results.items():
+    print(f"{'optimizer':<16}{'step ms':>9}{'vs fused AdamW':>16}{'Muon / it':>11}{'ops':>7}{'ops/matrix':>12}"
+          f"{'host reads':>12}{'state MB':>10}{'vs AdamW':>10}")
+    for name, (t, b, ops, reads) in results.items():
         vs_muon = f"{t_muon / t:>10.1f}x" if t_muon else f"{'-':>11}"
-        print(f"{name:<12}{t * 1e3:>10.1f}{t / t_adamw:>9.2f}x{vs_muon}{b / 2**20:>10.1f}{b / b_adamw:>9.2f}x")
-    print("targets: Mano step <= 1.00x AdamW, Muon/Mano >= 10x, Mano state = 0.50x AdamW")
-
+        print(f"{name:<16}{t * 1e3:>9.1f}{t / t_fused:>15.2f}x{vs_muon}{ops:>7}{ops / len(shapes):>12.2f}"
+              f"{reads:>12}{b / 2**20:>10.1f}{b / b_adamw:>9.2f}x")
+    print("targets: Mano fused <= 0.80x fused AdamW (Mano moves 20 B per element, AdamW 28), <= 2 ops per "
+          "matrix, 0 host reads; Muon/Mano >= 10x; Mano state = 0.50x AdamW")
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..functional import AnyTrue, MatrixStep, SliceSums, mano_matrix_step
+from ..functional import MatrixStep, SliceSums, mano_matrix_step
 from ..layouts import ReduceGroup, block_dots
 
 
@@ -142,9 +142,8 @@ class FlatFragmentLayout:
 def in_unison(steps: list[MatrixStep]) -> MatrixStep:
     """Several step generators of one matrix's blocks as one generator.
 
-    The blocks yield the same sequence of requests (their flags come from the same complete
-    sums), so each round their partial slice sums are added into one request and the complete
-    sums (or the flag's answer) are sent back to every block.
+    The blocks yield the same sequence of requests, so each round their partial slice sums are
+    added into one request and the complete sums are sent back to every block.
     """
     reply = None
     while True:
@@ -158,10 +157,4 @@ def in_unison(steps: list[MatrixStep]) -> MatrixStep:
             return
         if len(requests) != len(steps):
             raise RuntimeError("the blocks of one matrix diverged in their step requests")
-        first = requests[0]
-        if isinstance(first, SliceSums):
-            reply = yield SliceSums(sum(r.partial for r in requests), first.axis)
-        elif isinstance(first, AnyTrue):
-            reply = yield AnyTrue(torch.stack([r.flag.reshape(()) for r in requests]).any())
-        else:  # pragma: no cover - functional.py yields only these two
-            raise TypeError(f"unknown step request {first!r}")
+        reply = yield SliceSums(sum(r.partial for r in requests), requests[0].axis)

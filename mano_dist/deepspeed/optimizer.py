@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from .. import fused_cpu
 from ..layouts import ReduceGroup, matrix_shape
-from ..lockstep import run_lockstep
 from ..optimizer import Mano
 from .fragments import FlatFragmentLayout
 from .zero_metadata import FlatPartition, flat_partitions, zero_stage_of
@@ -38,6 +37,7 @@ class DeepSpeedMano(Mano):
         self._fused = False
         self._attached = False
         self._engine_building = False  # set by the engine hook while DeepSpeed wraps us
+        self._engine_optimizer = None  # the ZeRO wrapper that calls us (it holds the global grad norm)
         self._partitions: dict[int, FlatPartition] = {}
         self._layouts: dict[int, list] = {}
         self.zero_stage = 0
@@ -52,6 +52,7 @@ class DeepSpeedMano(Mano):
         """Read the ZeRO layout of ``engine.optimizer`` and create state on what this rank holds."""
         zopt = engine.optimizer
         self.zero_stage = engine.zero_optimization_stage() if zopt is not self else 0
+        self._engine_optimizer = zopt if zopt is not self else None
         if self.zero_stage >= 1:
             zero_stage_of(zopt)  # unknown wrapper types fail here, with the supported list
             self.process_group = zopt.dp_process_group
@@ -93,10 +94,10 @@ class DeepSpeedMano(Mano):
                 out.append((flat[cut], flat.grad[cut], momentum[cut], lay))
         return out
 
-    def _momentum_directions(self, grads, bufs, momentum, nesterov):
+    def _momentum_directions(self, grads, bufs, momentum, nesterov, skip):
         if self._fused and all(g.dtype == torch.float32 for g in grads):
-            return fused_cpu.momentum_directions(grads, bufs, momentum, nesterov)
-        return super()._momentum_directions(grads, bufs, momentum, nesterov)
+            return fused_cpu.momentum_directions(grads, bufs, momentum, nesterov, skip)
+        return super()._momentum_directions(grads, bufs, momentum, nesterov, skip)
 
     def _matrix_step(self, weight, direction, layout, **hyper):
         if self.zero_stage == 0:
@@ -105,8 +106,27 @@ class DeepSpeedMano(Mano):
             return fused_cpu.fragment_step(layout, weight, direction, **hyper)
         return layout.matrix_step(weight, direction, **hyper)
 
-    def _shares_params_across_ranks(self, named) -> bool:
+    def _fusable(self, group) -> bool:
+        return self.zero_stage == 0  # ZeRO fragments: the eager blocks (or the offload passes)
+
+    def _shares_params_across_ranks(self) -> bool:
         return self.zero_stage >= 1 and dist.get_world_size(self.process_group) > 1
+
+    def _state_device(self) -> torch.device:
+        for part in self._partitions.values():
+            return part.flat.device
+        return super()._state_device()
+
+    def _found_nonfinite(self):
+        """Under ZeRO the engine has usually computed this step's global gradient norm (for
+        clipping) over every group, all-reduced, before it hands us the first one: a non-finite
+        (or DeepSpeed's invalid marker, negative) norm is the skip decision, with no collective
+        of ours, and alike for every group of the step (stages 1/2 step one group per call,
+        each group's gradients built just before its call, so no call sees them all)."""
+        norm = getattr(self._engine_optimizer, "_global_grad_norm", None) if self.zero_stage >= 1 else None
+        if torch.is_tensor(norm):
+            return (~torch.isfinite(norm) | (norm < 0)).reshape(()).to(self._state_device())
+        return super()._found_nonfinite()
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -133,17 +153,8 @@ class DeepSpeedMano(Mano):
             with torch.enable_grad():
                 loss = closure()
         groups = [g for g in self.param_groups if g["params"]]
-        if self.nonfinite != "ignore" and not self._gradients_finite():
-            for group in groups:
-                group["skipped_steps"] += 1
-            return loss
-        matrix_steps = []
+        self._step_groups(groups, self._skip_flag())
         for group in groups:
-            if group["algorithm"] == "mano":
-                matrix_steps.extend(self._mano_group(group))
-            else:
-                self._adamw_group(group)
             if all(self._partitions[id(p)].last_of_group for p in group["params"]):
                 group["step"] += 1
-        run_lockstep(matrix_steps, self._all_reduce)
         return loss

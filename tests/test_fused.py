@@ -1,0 +1,140 @@
+"""Mano(fused=True) equals the eager step, issues the same collectives, reads nothing on the
+host and dispatches a bounded number of ops, on dense tensors and FSDP2 shards (uneven and
+empty), for v1, v2 and both; a skipped step (an inf on one rank) changes nothing anywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist import run_distributed
+from test_sharded import MANO_NAMES, Net, _full, _shard
+
+STEPS = 10
+INF_STEP = 4
+HP = dict(lr=0.02, momentum=0.9, weight_decay=0.1, eps=1e-8)
+
+
+def _fused_vs_eager(rank, world_size, variants):
+    from mano_dist import CollectiveCounter, Mano, mano_param_groups
+    from mano_dist.dispatch import DispatchCounter
+
+    out = {}
+    for variant in variants:
+        models, opts = [], []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = Net()
+            model = _shard(model, "fsdp", world_size) if world_size > 1 else model
+            models.append(model)
+            opts.append(Mano(mano_param_groups(model), variant=variant, fused=fused, **HP))
+        (eager_model, fused_model), (eager, fused) = models, opts
+        comm, ops, host_reads, unchanged = {False: [], True: []}, [], [], []
+        for step in range(STEPS):
+            x = torch.randint(0, 11, (8, 4), generator=torch.Generator().manual_seed(step))
+            eager_model(x).pow(2).mean().backward()
+            for (_, p), (_, q) in zip(eager_model.named_parameters(), fused_model.named_parameters()):
+                q.grad = p.grad.detach().clone()
+            if step == INF_STEP and rank == world_size - 1:  # an inf on the last rank only
+                for m in (eager_model, fused_model):
+                    g = m.w3.weight.grad
+                    (g.to_local() if hasattr(g, "to_local") else g).view(-1)[-1:] = float("inf")
+            before = [p.detach().clone() for p in fused_model.parameters()]
+            for is_fused, opt in ((False, eager), (True, fused)):
+                with CollectiveCounter() as cc, DispatchCounter() as dc:
+                    opt.step()
+                comm[is_fused].append([(c.kind, c.payload_bytes) for c in cc.calls])
+                if is_fused and step >= 2:  # compiled by now (both axes seen)
+                    ops.append(dc.ops)
+                    host_reads.append(dc.host_read_sites)
+                opt.zero_grad()
+            if step == INF_STEP:
+                unchanged.append(all(torch.equal(p.detach(), b) for p, b in zip(fused_model.parameters(), before)))
+        errors = {}
+        for (n, p), (_, q) in zip(eager_model.named_parameters(), fused_model.named_parameters()):
+            ref = _full(p.detach())
+            errors[n] = ((_full(q.detach()) - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+            if n in MANO_NAMES:
+                mp, mq = (_full(o.state[t]["momentum_buffer"]) for o, t in ((eager, p), (fused, q)))
+                errors[n + ":momentum"] = ((mq - mp).abs().max() / mp.abs().max().clamp(min=1e-12)).item()
+        out[variant] = {"errors": errors, "comm_equal": comm[False] == comm[True], "comm": comm[True][:2],
+                        "ops": max(ops), "host_reads": host_reads, "unchanged": unchanged,
+                        "skipped": (eager.skipped_steps, fused.skipped_steps), "failed": fused._compiler.failed,
+                        "params": sum(1 for _ in fused_model.parameters())}
+    return out
+
+
+def _check(results):
+    for rank, per_variant in enumerate(results):
+        for variant, r in per_variant.items():
+            assert r["failed"] is None, r["failed"]
+            # v1 on the 1-row w4 is ill-conditioned by construction (T = 0 up to rounding,
+            # amplified by 1/eps; docs/optimizer.md): float32 rounding decides its direction.
+            bad = {n: e for n, e in r["errors"].items() if e > 1e-6 and not (variant == "v1" and n.startswith("w4."))}
+            assert not bad, (rank, variant, bad)
+            assert r["comm_equal"], (rank, variant, r["comm"])
+            assert r["skipped"] == (1, 1) and r["unchanged"] == [True], (rank, variant, r)
+            assert all(reads == [] for reads in r["host_reads"]), (rank, variant, r["host_reads"])
+            # Net's 4 matrices all differ in shape (4 batches of one) and FSDP2 adds DTensor
+            # unwrapping: a bound, not the batched models' <= 2 per matrix (the test below)
+            assert r["ops"] <= 6 * r["params"], (rank, variant, r["ops"], r["params"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_fused_equals_eager(tmp_path, world_size):
+    _check(run_distributed(_fused_vs_eager, world_size, tmp_path, ("v1", "v2", "both"), timeout=900))
+
+
+def test_fused_dispatch_count_does_not_grow_with_matrices():
+    """A LLaMA block's matrices (scaled down) over 1 and 4 layers: the dispatched ops per step
+    grow by one compiled call per batch of like matrices, not by tens per matrix."""
+    from mano_dist import Mano
+    from mano_dist.dispatch import DispatchCounter
+
+    def ops_for(layers):
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(16, 16)] * 4 + [(40, 16)] * 2 + [(16, 40)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes * layers]
+        opt = Mano(params, lr=0.01, fused=True)
+        counts = []
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            with DispatchCounter() as dc:
+                opt.step()
+            counts.append((dc.ops, dc.host_reads))
+        return counts[-1]
+
+    few, many = ops_for(1), ops_for(4)
+    assert few[1] == many[1] == 0
+    assert few[0] <= 2 * 7 and many[0] <= few[0] + 4, (few, many)  # 28 matrices: 2 more batches
+
+
+def test_fused_fallback_warns_once_and_stays_correct(monkeypatch):
+    """A compiler failure: one warning, the step still happens (eagerly), and later steps
+    take the eager path."""
+    import warnings
+
+    from mano_dist import Mano
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(6, 4)) for _ in range(2)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    fused, eager = Mano(a, lr=0.02, fused=True), Mano(b, lr=0.02, fused=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            grads = [torch.randn(6, 4) for _ in a]
+            for p, q, g in zip(a, b, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            fused.step()
+            eager.step()
+    messages = [str(w.message) for w in caught if "could not compile" in str(w.message)]
+    assert len(messages) == 1 and "no compiler here" in messages[0]
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
