@@ -76,8 +76,10 @@ def _check(results):
             assert r["skipped"] == (1, 1) and r["unchanged"] == [True], (rank, variant, r)
             assert all(reads == [] for reads in r["host_reads"]), (rank, variant, r["host_reads"])
             # Net's 4 matrices all differ in shape (4 batches of one) and FSDP2 adds DTensor
-            # unwrapping: a bound, not the batched models' <= 2 per matrix (the test below)
-            assert r["ops"] <= 6 * r["params"], (rank, variant, r["ops"], r["params"])
+            # unwrapping: a bound, not the batched models' <= 2 per matrix (the test below);
+            # "both" on CPU runs 5 graphs per batch (fused.segments: an inductor workaround)
+            per_param = 12 if variant == "both" else 6
+            assert r["ops"] <= per_param * r["params"], (rank, variant, r["ops"], r["params"])
 
 
 @pytest.mark.distributed
