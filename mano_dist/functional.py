@@ -84,6 +84,21 @@ def skip_gate(lr: float, skip: Tensor | None) -> "float | Tensor":
     return torch.full((), lr, dtype=torch.float64, device=skip.device).masked_fill_(skip, 0.0)
 
 
+def nonfinite_flags(grads: Sequence[Tensor]) -> Tensor:
+    """One bool per non-empty tensor, on their device: does it hold an inf or nan? (aminmax is
+    ~20x faster than ``_foreach_norm(inf)`` on CPU, and exact: unlike a sum it cannot overflow.)"""
+    extremes = [torch.stack(torch.aminmax(g)).float() for g in grads if g.numel()]
+    if not extremes:
+        return torch.zeros(0, dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(extremes)).all(dim=1)
+
+
+def any_nonfinite(grads: Sequence[Tensor]) -> Tensor:
+    """0-d float: 1 if any of the (non-empty) gradients holds an inf or nan, else 0. One read of
+    each gradient and no host read; the same function runs eagerly and compiled."""
+    return nonfinite_flags(grads).any().float()
+
+
 def _add_scaled_(out: Tensor, x: Tensor, c: "float | Tensor") -> Tensor:
     """out += c * x, for a Python number or a 0-d tensor c."""
     return out.add_(x, alpha=c) if not torch.is_tensor(c) else out.addcmul_(x, c.to(out.dtype))

@@ -143,11 +143,6 @@ def segments(variant: str, axis: int, sharded: set[int], device_type: str) -> li
     return out
 
 
-def any_nonfinite(grads: list[Tensor]) -> Tensor:
-    """0-d float: 1 if any gradient holds an inf or nan (one read of each, no host read)."""
-    return torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float()
-
-
 # ------------------------------------------------------------------------------ compilation
 def _own_code(fn: Callable, tag: str) -> Callable:
     """``fn`` as a function with its own code object. Dynamo keeps at most a few compiled
@@ -163,7 +158,12 @@ class Compiler:
 
     def __init__(self):
         self._compiled: dict[tuple, Callable] = {}
+        self._closures: dict[tuple, Callable] = {}
         self.failed: str | None = None
+
+    def closure(self, key: tuple, fn: Callable) -> Callable:
+        """The first closure made for ``key``: a later one would be a new function to compile."""
+        return self._closures.setdefault(key, fn)
 
     def __call__(self, key: tuple, fn: Callable, *args):
         if self.failed is not None or any(holds_no_values(t) for t in _tensors(args)):
@@ -203,6 +203,10 @@ def segment_key(spec: SegmentSpec, ws, gs, ms, knowns, lr, skip) -> tuple:
             tuple(_signature(k) for k in knowns), lr.dtype, lr.device, skip is None)
 
 
+def flag_key(grads) -> tuple:
+    return ("flag", _signature(grads))
+
+
 def adamw_key(params, grads, skip, **hyper) -> tuple:
     return ("adamw", tuple(sorted(hyper.items())), _signature(params), _signature(grads), skip is None)
 
@@ -215,13 +219,7 @@ def fused_adamw(compiler: Compiler, params, grads, exp_avgs, exp_avg_sqs, steps,
     def call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, skip):
         adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr.reshape(()), skip=skip, **hyper)
 
-    compiler(key, _cached_closure(compiler, key, call), params, grads, exp_avgs, exp_avg_sqs, steps, lr, skip)
-
-
-def _cached_closure(compiler: Compiler, key: tuple, fn: Callable) -> Callable:
-    """The first closure made for ``key`` (a later one would be a new function to compile)."""
-    closures = compiler.__dict__.setdefault("_closures", {})
-    return closures.setdefault(key, fn)
+    compiler(key, compiler.closure(key, call), params, grads, exp_avgs, exp_avg_sqs, steps, lr, skip)
 
 
 def lr_tensor(lr, device: torch.device) -> Tensor:

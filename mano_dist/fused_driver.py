@@ -42,7 +42,7 @@ class Batch:
 def batch_key(w: Tensor, g: Tensor, m: Tensor, layout) -> tuple:
     groups = tuple(tuple(rg.key for rg in layout.reduce_groups(ax)) for ax in (0, 1))
     return (tuple(w.shape), w.stride(), w.dtype, g.dtype, g.stride(), m.dtype, m.stride(), w.device,
-            tuple(layout.global_shape), groups)
+            tuple(layout.global_shape), groups, getattr(layout, "origin", ()))
 
 
 def make_batches(group: dict, matrices: list, lr, axis: int) -> list[Batch]:

@@ -7,6 +7,10 @@ A layout answers four questions for the step algorithm in ``functional.py``:
   (empty when the axis is complete locally, so no communication at all);
 - ``global_shape``: the matrix's true (m, n), which sets the update scale.
 
+A param whose rows stack several logical matrices (a fused QKV or gate-up projection, declared
+by a param group's ``"splits"``) is cut by :func:`split_rows` into one layout per row block, each
+with its own global shape: the step then treats the blocks as the separate matrices they are.
+
 All decisions about which mesh dims shard which axis are made here, from DTensor placements.
 """
 
@@ -70,6 +74,9 @@ class BlockLayout:
 
     global_shape: tuple[int, int]
     groups: dict[int, tuple[ReduceGroup, ...]] = field(default_factory=dict)
+    # Which row block of its param this matrix is, ``(first row, rows)`` in the param; () for a
+    # whole param. The same on every rank, so fused batches are formed alike everywhere.
+    origin: tuple = ()
 
     def local(self, t: Tensor) -> Tensor:
         if DTensor is not None and isinstance(t, DTensor):
@@ -179,6 +186,94 @@ def layout_for(param: Tensor) -> BlockLayout:
         for axis, mesh_dims in sharded_axes(param.placements, param.ndim).items()
     }
     return BlockLayout(shape, {a: g for a, g in groups.items() if g})
+
+
+def check_splits(splits, rows: int | None, where: str) -> tuple[int, ...]:
+    """``splits`` as a tuple of positive ints (summing to ``rows`` unless None), or a ValueError
+    naming ``where``."""
+    try:
+        out = tuple(splits)
+    except TypeError:
+        out = ()
+    if not out or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in out):
+        raise ValueError(f"Invalid splits {splits!r} for {where}: a tuple of positive row counts")
+    if rows is not None and sum(out) != rows:
+        raise ValueError(f"Invalid splits {splits!r} for {where}: they sum to {sum(out)}, not its first dim {rows}")
+    return out
+
+
+def local_row_runs(param: Tensor) -> list[range]:
+    """The global row indices (dim 0) of this rank's local rows of ``param``, in local order,
+    as runs of consecutive rows.
+
+    Computed from the placements on the host, with ``torch.chunk``'s rule (the one DTensor
+    shards by): no tensor is made or read, so it costs nothing on a GPU or in a fake-tensor run.
+    ``Shard(0)`` keeps rows contiguous; FSDP2 over tensor parallelism's ``_StridedShard(0)``
+    takes a chunk of each of ``split_factor`` pieces.
+    """
+    runs = [range(param.shape[0])]
+    if not is_distributed_tensor(param):
+        return runs
+    mesh, ndim = param.device_mesh, param.ndim
+    coordinate = mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if not isinstance(placement, (Shard, _StridedShard)) or placement.dim % ndim != 0:
+            continue
+        factor = 1
+        if isinstance(placement, _StridedShard):
+            factor = placement._split_factor_int() if hasattr(placement, "_split_factor_int") else placement.split_factor
+        runs = shard_rows(runs, mesh.size(mesh_dim), coordinate[mesh_dim], factor)
+    return runs
+
+
+def shard_rows(runs: list[range], size: int, mine: int, split_factor: int = 1) -> list[range]:
+    """The part ``mine`` of ``size`` that ``Shard(0)`` (``split_factor`` 1) or
+    ``_StridedShard(0, split_factor)`` (a chunk of each of ``split_factor`` pieces) gives one rank
+    of the rows ``runs``."""
+    return [r for piece in _chunks(runs, split_factor) for r in _chunks(piece, size)[mine]]
+
+
+def _chunks(runs: list[range], count: int) -> list[list[range]]:
+    """``torch.chunk`` of the sequence ``runs`` into ``count`` parts (ceil-sized; trailing parts
+    may be empty), each part again a list of runs."""
+    total = sum(len(r) for r in runs)
+    size = -(-total // count) if total else 0
+    return [_take(runs, min(i * size, total), min((i + 1) * size, total)) for i in range(count)]
+
+
+def _take(runs: list[range], start: int, stop: int) -> list[range]:
+    """Positions ``[start, stop)`` of the sequence ``runs``, as runs."""
+    out, pos = [], 0
+    for r in runs:
+        lo, hi = max(start - pos, 0), min(stop - pos, len(r))
+        if lo < hi:
+            out.append(r[lo:hi])
+        pos += len(r)
+    return out
+
+
+def split_rows(param: Tensor, layout: BlockLayout, splits: tuple[int, ...]) -> list[tuple[slice, BlockLayout]]:
+    """The row blocks of ``param`` (``splits`` rows each, in order) as (the block's rows in the
+    local tensor, the block's layout): global shape (rows of the block, n), the param's reduce
+    groups. A rank holding none of a block gets an empty slice, so all ranks step (and reduce)
+    the same blocks."""
+    runs = local_row_runs(param)
+    rows = [i for r in runs for i in (r.start, r.stop - 1)]
+    if rows != sorted(rows):
+        raise ValueError(f"splits need the local rows of {tuple(param.shape)} in ascending order; its "
+                         f"placements {getattr(param, 'placements', None)} give {runs}")
+    out, first = [], 0
+    for count in splits:
+        lo = _local_count_below(runs, first)
+        hi = _local_count_below(runs, first + count)
+        out.append((slice(lo, hi), BlockLayout((count, layout.global_shape[1]), layout.groups, (first, count))))
+        first += count
+    return out
+
+
+def _local_count_below(runs: list[range], row: int) -> int:
+    """How many local rows have a global index below ``row``."""
+    return sum(min(max(row - r.start, 0), len(r)) for r in runs)
 
 
 def is_distributed_tensor(t: Tensor) -> bool:

@@ -12,9 +12,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import fused as fused_step
-from .functional import VARIANTS, adamw_step, mano_matrix_step, momentum_directions, skip_gate
+from .functional import (VARIANTS, adamw_step, any_nonfinite, mano_matrix_step, momentum_directions, nonfinite_flags,
+                         skip_gate)
 from .fused_driver import make_batches, run_batches
-from .layouts import is_distributed_tensor, layout_for
+from .layouts import check_splits, is_distributed_tensor, layout_for, split_rows
 from .lockstep import all_reduce_on_device, default_all_reduce, holds_no_values, run_lockstep
 
 ALGORITHMS = ("mano", "adamw")
@@ -44,23 +45,6 @@ def _check_group(group: dict[str, Any]) -> None:
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_distributed_tensor(t) else t
-
-
-def _nonfinite_flags(grads: list[Tensor]) -> Tensor:
-    """One bool per non-empty tensor, on their device: does it hold an inf or nan? (aminmax is
-    ~20x faster than ``_foreach_norm(inf)`` on CPU, and exact: unlike a sum it cannot overflow.)"""
-    extremes = [torch.stack(torch.aminmax(g)).float() for g in grads if g.numel()]
-    if not extremes:
-        return torch.zeros(0, dtype=torch.bool)
-    return ~torch.isfinite(torch.stack(extremes)).all(dim=1)
-
-
-def _any_nonfinite(grads: list[Tensor], device: torch.device) -> Tensor:
-    """A float 0-d tensor on ``device``: 1 if any gradient holds an inf or nan, else 0 (no host read)."""
-    flags = _nonfinite_flags(grads)
-    if not flags.numel():
-        return torch.zeros((), device=device)
-    return flags.any().float().to(device)
 
 
 class Mano(Optimizer):
@@ -172,6 +156,7 @@ class Mano(Optimizer):
         group = self.param_groups[-1]
         _check_group(group)
         group["adamw_betas"] = tuple(group["adamw_betas"])
+        self._check_splits(group)
         for i, p in enumerate(group["params"]):
             # deepspeed.zero.Init builds params with shape (0,) and the true shape in ds_shape.
             if group["algorithm"] == "mano" and len(getattr(p, "ds_shape", p.shape)) < 2:
@@ -184,6 +169,21 @@ class Mano(Optimizer):
                     "{...}) rather than the Mano class."
                 )
             self._init_state(p, group["algorithm"])
+
+    def _check_splits(self, group: dict[str, Any]) -> None:
+        """``"splits"``: the row counts of the logical matrices stacked in each param of the group
+        (a fused QKV: (q rows, k rows, v rows)); each block then steps as its own matrix."""
+        if group.get("splits") is None:
+            return
+        index = len(self.param_groups) - 1
+        if group["algorithm"] != "mano":
+            raise ValueError(f'"splits" is a Mano option; param group {index} has "algorithm": {group["algorithm"]!r}')
+        names = group.get("param_names") or [None] * len(group["params"])
+        splits = check_splits(group["splits"], None, f"param group {index}")
+        for i, (p, name) in enumerate(zip(group["params"], names)):
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            check_splits(splits, shape[0], f"param {name or i} of group {index}, shape {shape}")
+        group["splits"] = splits
 
     def _init_state(self, p: Tensor, algorithm: str) -> None:
         state = self.state[p]
@@ -245,9 +245,15 @@ class Mano(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also moves AdamW step counts to their params' device (checkpoints written before they
-        lived there hold CPU tensors, which torch's loader leaves on the CPU)."""
+        lived there hold CPU tensors, which torch's loader leaves on the CPU). Each group keeps
+        the ``"splits"`` it was built with: they describe the model's params, not its history."""
         self._skipped = None
+        splits = [group.get("splits") for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, mine in zip(self.param_groups, splits):  # structure comes from the code, not the file
+            group.pop("splits", None)
+            if mine is not None:
+                group["splits"] = mine
         for p, state in self.state.items():
             step = state.get("step")
             if torch.is_tensor(step) and step.device != p.device:
@@ -343,7 +349,13 @@ class Mano(Optimizer):
                     'or "optimizer": {"type": "Mano"} in the config after `import mano_dist.deepspeed`.'
                 )
             lay = layout_for(p)
-            out.append((lay.local(p), lay.local(p.grad), lay.local(self.state[p]["momentum_buffer"]), lay))
+            if group.get("splits") is None:
+                out.append((lay.local(p), lay.local(p.grad), lay.local(self.state[p]["momentum_buffer"]), lay))
+                continue
+            # Row blocks are views; of the detached weight, because compiled code refuses in-place
+            # updates of a no-grad view of a tensor that requires grad.
+            views = (lay.local(p.detach()), lay.local(p.grad), lay.local(self.state[p]["momentum_buffer"]))
+            out.extend((*(v[rows] for v in views), block) for rows, block in split_rows(p, lay, group["splits"]))
         return out
 
     def _mano_group(self, group, lr, skip):
@@ -418,12 +430,13 @@ class Mano(Optimizer):
         sharded, one 4-byte all-reduce so all ranks decide alike."""
         grads = [g for _, _, g in self._local_grads()]
         device = self._state_device()
-        if self._fused_active() and any(g.numel() for g in grads):
-            nonempty = [g for g in grads if g.numel()]
-            key = ("flag",) + tuple((tuple(g.shape), g.stride(), g.dtype, g.device) for g in nonempty)
-            bad = self._compiler(key, fused_step.any_nonfinite, nonempty).to(device)
+        nonempty = [g for g in grads if g.numel()]
+        if not nonempty:
+            bad = torch.zeros((), device=device)
+        elif self._fused_active():
+            bad = self._compiler(fused_step.flag_key(nonempty), any_nonfinite, nonempty).to(device)
         else:
-            bad = _any_nonfinite(grads, device)
+            bad = any_nonfinite(nonempty).to(device)
         if self._shares_params_across_ranks() and dist.is_available() and dist.is_initialized():
             all_reduce_on_device(bad, self.process_group, op=dist.ReduceOp.MAX)
         return bad > 0
@@ -452,7 +465,7 @@ class Mano(Optimizer):
 
     def _raise_nonfinite(self) -> None:
         named = self._local_grads()
-        flags = _nonfinite_flags([g for _, _, g in named]).tolist()
+        flags = nonfinite_flags([g for _, _, g in named]).tolist()
         nonempty = [item for item in named if item[2].numel()]
         for (gi, pi, g), bad in zip(nonempty, flags):
             if bad:

@@ -8,7 +8,7 @@ them apart, so we look at the owning module and the name.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -79,23 +79,63 @@ def mano_param_groups(
     mano_patterns: Iterable[str] = (),
     mano_options: dict[str, Any] | None = None,
     adamw_options: dict[str, Any] | None = None,
+    splits: "Splits | None" = None,
 ) -> list[dict[str, Any]]:
-    """Param groups for :class:`mano_dist.Mano`: ``[{"algorithm": "mano", ...}, {"algorithm": "adamw", ...}]``.
+    r"""Param groups for :class:`mano_dist.Mano`: ``[{"algorithm": "mano", ...}, {"algorithm": "adamw", ...}]``.
 
     ``mano_options`` / ``adamw_options`` override hyperparameters per group (e.g. a different
     lr for the AdamW params). Groups carry ``param_names`` for error messages and checkpoints.
     Empty groups are left out.
+
+    ``splits`` declares params that stack several matrices along dim 0 (a fused QKV, a fused
+    gate-up): ``{name regex: row counts}``, e.g. ``{r"attention\.wqkv": (dim, kv_dim, kv_dim)}``,
+    or a function ``(name, param) -> row counts or None``. Matching Mano params go to a Mano
+    group per distinct split with ``"splits"`` set, so each block steps as its own matrix.
     """
     mano, adamw = classify_parameters(model, adamw_patterns, mano_patterns)
     groups = []
-    for algorithm, named, options in (("mano", mano, mano_options), ("adamw", adamw, adamw_options)):
-        if named:
-            groups.append(
-                {
-                    "params": [p for _, p in named],
-                    "param_names": [n for n, _ in named],
-                    "algorithm": algorithm,
-                    **(options or {}),
-                }
-            )
+    for split, named in split_by_rows(mano, splits, adamw):
+        groups.append({"params": [p for _, p in named], "param_names": [n for n, _ in named], "algorithm": "mano",
+                       **(mano_options or {}), **({"splits": split} if split else {})})
+    if adamw:
+        groups.append({"params": [p for _, p in adamw], "param_names": [n for n, _ in adamw], "algorithm": "adamw",
+                       **(adamw_options or {})})
     return groups
+
+
+Splits = "Mapping[str, Sequence[int]] | Callable[[str, Any], Sequence[int] | None]"
+
+
+def split_by_rows(mano: list[tuple[str, Any]], splits, adamw: list[tuple[str, Any]] = ()) -> list[tuple]:
+    """``mano``'s (name, param) pairs grouped by their declared row splits (see
+    :func:`mano_param_groups`): ``[(None, unsplit pairs), (splits, pairs), ...]``, empty ones
+    left out. Raises for a pattern that matches no param, a name matched by two patterns, and a
+    split declared for a param routed to AdamW (which steps whole tensors)."""
+    if splits is None:
+        return [(None, mano)] if mano else []
+    rule = splits if callable(splits) else _pattern_rule(splits, [n for n, _ in [*mano, *adamw]])
+    stray = [name for name, p in adamw if rule(name, p) is not None]
+    if stray:
+        raise ValueError(f"splits: {', '.join(stray)} go to AdamW, which steps whole tensors; route them "
+                         "to Mano (mano_patterns) or drop their split")
+    by_split: dict[tuple | None, list] = {None: []}
+    for name, p in mano:
+        rows = rule(name, p)
+        by_split.setdefault(tuple(rows) if rows is not None else None, []).append((name, p))
+    return [(split, named) for split, named in by_split.items() if named]
+
+
+def _pattern_rule(splits: Mapping[str, Sequence[int]], names: list[str]) -> Callable:
+    patterns = [(re.compile(pattern), tuple(rows)) for pattern, rows in dict(splits).items()]
+    unmatched = [p.pattern for p, _ in patterns if not any(p.search(n) for n in names)]
+    if unmatched:
+        raise ValueError(f"splits: pattern(s) {', '.join(unmatched)} match no parameter name")
+
+    def rule(name: str, _param) -> tuple[int, ...] | None:
+        hits = [(pattern, rows) for pattern, rows in patterns if pattern.search(name)]
+        if len(hits) > 1:
+            raise ValueError(f"splits: '{name}' matches {len(hits)} patterns "
+                             f"({', '.join(h[0].pattern for h in hits)}); make them exclusive")
+        return hits[0][1] if hits else None
+
+    return rule

@@ -13,10 +13,10 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..optimizer import Mano
-from ..param_groups import classify_parameters
+from ..param_groups import classify_parameters, split_by_rows
 from .optimizer import DeepSpeedMano
 
-_ROUTING_KEYS = ("adamw_patterns", "mano_patterns")
+_ROUTING_KEYS = ("adamw_patterns", "mano_patterns", "splits")  # splits: {name regex: row counts}
 MANO_CONFIG_KEYS = tuple(
     name for name in inspect.signature(Mano.__init__).parameters
     if name not in ("self", "params", "mano_params", "adamw_params", "process_group")
@@ -39,8 +39,12 @@ def _matrix_ndim(p) -> int:
 
 
 def route_parameters(module: nn.Module, model_parameters: Iterable, *, adamw_patterns=(),
-                     mano_patterns=()) -> list[dict[str, Any]]:
-    """Split what the user passed into Mano/AdamW param groups (user groups keep their options)."""
+                     mano_patterns=(), splits=None) -> list[dict[str, Any]]:
+    """Split what the user passed into Mano/AdamW param groups (user groups keep their options;
+    ``splits`` as in :func:`mano_dist.mano_param_groups`, one Mano group per distinct split)."""
+    if splits is not None and not isinstance(splits, dict):
+        raise ValueError(f'"splits" in the DeepSpeed config\'s Mano params is {{"name regex": [row counts]}}, '
+                         f"got {splits!r}")
     items = list(model_parameters) if model_parameters is not None else list(module.parameters())
     if items and all(isinstance(g, dict) for g in items):
         user_groups = items
@@ -48,6 +52,7 @@ def route_parameters(module: nn.Module, model_parameters: Iterable, *, adamw_pat
         user_groups = [{"params": items}]
     mano, adamw = classify_parameters(module, adamw_patterns, mano_patterns)
     names = {id(p): n for n, p in mano + adamw}
+    rows_of = {id(p): rows for rows, named in split_by_rows(mano, splits, adamw) for _, p in named}
     to_mano = {id(p) for _, p in mano}
     groups = []
     for user_group in user_groups:
@@ -61,9 +66,12 @@ def route_parameters(module: nn.Module, model_parameters: Iterable, *, adamw_pat
                 is_mano = id(p) in to_mano if id(p) in names else _matrix_ndim(p) >= 2
                 split["mano" if is_mano else "adamw"].append(p)
         for algorithm, ps in split.items():
-            if ps:
-                groups.append({"params": ps, "param_names": [names.get(id(p), "") for p in ps],
-                               "algorithm": algorithm, **options})
+            by_rows: dict[Any, list] = {}
+            for p in ps:
+                by_rows.setdefault(rows_of.get(id(p)) if algorithm == "mano" else None, []).append(p)
+            for rows, members in by_rows.items():
+                groups.append({"params": members, "param_names": [names.get(id(p), "") for p in members],
+                               "algorithm": algorithm, **options, **({"splits": rows} if rows else {})})
     return groups
 
 

@@ -139,6 +139,24 @@ class FlatFragmentLayout:
         return steps[0] if len(steps) == 1 else in_unison(steps)
 
 
+def split_fragment(global_shape: tuple[int, int], start: int, numel: int, splits: tuple[int, ...] | None,
+                   groups: tuple[ReduceGroup, ...] = ()) -> list[tuple[int, int, FlatFragmentLayout]]:
+    """Elements ``[start, start + numel)`` of a row-major (m, n) matrix as the parts of its row
+    blocks (``splits`` rows each; None: one block of m rows): per block (offset of its part in
+    the fragment, its length, its layout as a matrix of its own). A block this rank holds none
+    of gets an empty part, so every rank's reduction buffer holds every block."""
+    m, n = global_shape
+    out, first = [], 0
+    for count in splits or (m,):
+        lo, hi = max(start, first * n), min(start + numel, (first + count) * n)
+        if lo < hi:
+            out.append((lo - start, hi - lo, FlatFragmentLayout((count, n), lo - first * n, hi - lo, groups)))
+        else:
+            out.append((0, 0, FlatFragmentLayout((count, n), 0, 0, groups)))
+        first += count
+    return out
+
+
 def in_unison(steps: list[MatrixStep]) -> MatrixStep:
     """Several step generators of one matrix's blocks as one generator.
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .. import fused_cpu
 from ..layouts import ReduceGroup, matrix_shape
 from ..optimizer import Mano
-from .fragments import FlatFragmentLayout
+from .fragments import split_fragment
 from .zero_metadata import FlatPartition, flat_partitions, zero_stage_of
 
 
@@ -59,9 +59,10 @@ class DeepSpeedMano(Mano):
             size = dist.get_world_size(self.process_group)
             groups = (ReduceGroup.of(self.process_group),) if size > 1 else ()
             self._partitions = {id(part.flat): part for part in flat_partitions(zopt)}
-            self._layouts = {
+            self._layouts = {  # per fragment: (offset, numel, layout) of each matrix in it
                 key: [
-                    FlatFragmentLayout(matrix_shape(f.shape), f.param_start, f.numel, groups)
+                    split_fragment(matrix_shape(f.shape), f.param_start, f.numel,
+                                   self.param_groups[part.group_index].get("splits"), groups)
                     for f in part.fragments
                 ]
                 for key, part in self._partitions.items()
@@ -89,9 +90,10 @@ class DeepSpeedMano(Mano):
                     "by deepspeed.initialize after `import mano_dist.deepspeed` (which calls attach)"
                 )
             momentum = self.state[flat]["momentum_buffer"]
-            for f, lay in zip(part.fragments, self._layouts[id(flat)]):
-                cut = slice(f.flat_start, f.flat_start + f.numel)
-                out.append((flat[cut], flat.grad[cut], momentum[cut], lay))
+            for f, pieces in zip(part.fragments, self._layouts[id(flat)]):
+                for offset, numel, lay in pieces:
+                    cut = slice(f.flat_start + offset, f.flat_start + offset + numel)
+                    out.append((flat[cut], flat.grad[cut], momentum[cut], lay))
         return out
 
     def _momentum_directions(self, grads, bufs, momentum, nesterov, skip):
