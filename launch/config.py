@@ -7,6 +7,7 @@ any process group exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 = no clipping (as DeepSpeed's gradient_clipping = 0)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_sequences: int = 64
     checkpoint_every: int = 50
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept; 0 keeps all
     async_checkpoint: bool = False
     out_dir: str = "runs/tiny"
     autocast_bf16: bool = False  # bf16 autocast around the forward (older switch; see mixed_precision)
@@ -81,6 +82,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree: colwise wq/wk/wv/w1/w3, rowwise wo/w2; FSDP2 over the rest
     engine: str = "fsdp2"  # fsdp2 | deepspeed
     ds_config: str = ""  # DeepSpeed JSON (engine = "deepspeed"), e.g. configs/ds_zero2.json
+    timeout_s: float = 600.0  # process-group timeout: a collective some rank never joins fails after this long
 
 
 @dataclass
@@ -115,6 +117,8 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     if isinstance(current, float) and isinstance(value, int):
         return float(value)
     if isinstance(current, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list like {list(current)}, got {value!r}")
         return tuple(value)
     if current is not None and not isinstance(value, type(current)) and not (current is None):
         raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
@@ -178,28 +182,76 @@ def accumulation_steps(cfg: RunConfig, dp_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+    """One refusal format for every field: its name, the value given and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    _require(name, value, _number(value) and value > 0, "> 0 and finite")
+
+
+def _fraction(name: str, value: Any, allowed: str, low_open: bool, high_open: bool) -> None:
+    ok = _number(value) and (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
+    _require(name, value, ok, allowed)
+
+
 def validate(cfg: RunConfig) -> None:
-    m, t, d = cfg.model, cfg.train, cfg.data
+    """Every field's own range first (so the cross-field checks below never divide by zero or
+    compare a NaN), then the combinations. Comparisons are written so that NaN fails them.
+    Runs in ``load_config``, before any process group: ``--check`` catches all of it."""
+    m, t, d, o, p = cfg.model, cfg.train, cfg.data, cfg.optim, cfg.parallel
+    for name in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        _require(f"model.{name}", getattr(m, name), getattr(m, name) > 0, "> 0")
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
+
+    _require("data.seq_len", d.seq_len, d.seq_len >= 1, ">= 1 (windows of seq_len + 1 tokens)")
+    for name in ("tokenizer", "cache_dir", "jsonl_field"):
+        _require(f"data.{name}", getattr(d, name), bool(getattr(d, name).strip()), "a non-empty string")
+    _require("data.source", d.source, bool(d.source.strip()) or bool(d.prepared),
+             "a non-empty string (or set data.prepared)")
+    _fraction("data.val_fraction", d.val_fraction, "in (0, 1)", low_open=True, high_open=True)
+
+    _positive("optim.lr", o.lr)
+    _require("optim.adamw_lr", o.adamw_lr, o.adamw_lr is None or (_number(o.adamw_lr) and o.adamw_lr > 0),
+             "unset (= optim.lr) or > 0 and finite")
+    _require("optim.weight_decay", o.weight_decay, _number(o.weight_decay) and o.weight_decay >= 0, ">= 0 and finite")
+    _fraction("optim.momentum", o.momentum, "in [0, 1)", low_open=False, high_open=True)
+    _require("optim.betas", o.betas, len(o.betas) == 2, "two numbers [beta1, beta2]")
+    for i, beta in enumerate(o.betas):
+        _fraction(f"optim.betas[{i}]", beta, "in [0, 1)", low_open=False, high_open=True)
+    _require("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0")
+    _fraction("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]", low_open=False, high_open=False)
+    _require("optim.grad_clip", o.grad_clip, _number(o.grad_clip) and o.grad_clip >= 0,
+             "> 0 and finite (the largest global gradient norm), or 0 for no clipping")
+    from mano_dist.functional import VARIANTS
+
+    _require("optim.variant", o.variant, o.variant in VARIANTS, f"one of {', '.join(VARIANTS)}")
+
+    for name in ("steps", "global_batch", "log_every", "eval_every", "eval_sequences", "checkpoint_every"):
+        _require(f"train.{name}", getattr(t, name), getattr(t, name) > 0, "> 0")
+    _require("train.seed", t.seed, t.seed >= 0, ">= 0")
+    _require("train.keep_last", t.keep_last, t.keep_last >= 0, ">= 0 (0 keeps every checkpoint)")
+    _require("train.micro_batch", t.micro_batch, t.micro_batch >= 0, ">= 0 (0: the whole per-rank batch)")
+    _require("train.out_dir", t.out_dir, bool(t.out_dir.strip()), "a non-empty path")
+    _require("train.activation_checkpoint", t.activation_checkpoint,
+             t.activation_checkpoint in ACTIVATION_CHECKPOINT_MODES, f"one of {', '.join(ACTIVATION_CHECKPOINT_MODES)}")
+    _require("train.mixed_precision", t.mixed_precision, t.mixed_precision in MIXED_PRECISION_MODES,
+             f"one of {', '.join(MIXED_PRECISION_MODES)}")
+    _positive("parallel.timeout_s", p.timeout_s)
+
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len {d.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
-    for name in ("steps", "global_batch", "log_every", "eval_every", "eval_sequences", "checkpoint_every"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     if d.prepared and d.source != "sotu":
         raise ConfigError(f"data.prepared ({d.prepared}) and data.source ({d.source}) both name the data: keep one")
-    if t.micro_batch < 0:
-        raise ConfigError(f"train.micro_batch must be >= 0 (0: the whole per-rank batch), got {t.micro_batch}")
-    if t.activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
-        raise ConfigError(f"train.activation_checkpoint must be one of {', '.join(ACTIVATION_CHECKPOINT_MODES)}, "
-                          f"got {t.activation_checkpoint!r}")
-    if t.mixed_precision not in MIXED_PRECISION_MODES:
-        raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION_MODES)}, "
-                          f"got {t.mixed_precision!r}")
-    p = cfg.parallel
     if p.tp < 1 or m.n_heads % p.tp or m.ffn_dim % p.tp:
         raise ConfigError(f"parallel.tp {p.tp} must be >= 1 and divide model.n_heads ({m.n_heads}) "
                           f"and model.ffn_dim ({m.ffn_dim})")

@@ -15,7 +15,9 @@ one place.
 
 from __future__ import annotations
 
+import math
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,7 +26,10 @@ TP_PLAN_COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward
 TP_PLAN_ROWWISE = ("attention.wo", "feed_forward.w2")
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). ``timeout_s`` (``parallel.timeout_s``) bounds every collective:
+    a rank that never joins one makes its peers fail after that long instead of torch's default
+    (30 min for gloo, 10 for NCCL); None keeps torch's default."""
     if "RANK" not in os.environ:  # plain `python -m launch.train`: one process, no group
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -33,8 +38,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     dist.init_process_group(backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+                            world_size=int(os.environ["WORLD_SIZE"]), **timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -128,7 +134,10 @@ def data_parallel_rank(mesh) -> tuple[int, int]:
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm as a
-    0-d float64 tensor on the gradients' device.
+    0-d float64 tensor on the gradients' device. ``max_norm`` 0 means no clipping (DeepSpeed's
+    ``gradient_clipping = 0`` convention, so ``optim.grad_clip = 0`` means the same under both
+    engines): the norm is still computed for the log and the gradients are left untouched.
+    A negative or non-finite ``max_norm`` is refused (it would scale by a negative number or NaN).
 
     Groups gradients by device mesh and takes each group's norm with torch's own
     ``get_total_norm`` (a DTensor norm reduces over its mesh exactly once per element). The
@@ -138,6 +147,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     the order the host used to add it, and a NaN norm scales nothing, as the host's
     ``if coef < 1`` did: the gradients are the same bits as with the host-side formula.
     """
+    if not (max_norm >= 0 and math.isfinite(max_norm)):
+        raise ValueError(f"max_norm must be >= 0 and finite (0: no clipping), got {max_norm!r}")
     groups: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
@@ -151,6 +162,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     if total_sq is None:
         return torch.zeros((), dtype=torch.float64)
     total = total_sq.sqrt()
+    if max_norm == 0:
+        return total
     coef = max_norm / (total + 1e-6)
     coef = torch.where(coef < 1.0, coef, torch.ones_like(coef))
     for grads in groups.values():

@@ -26,6 +26,8 @@ import os
 import shutil
 import sys
 import time
+import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .sampler import mix64
-from .sources import SourceError, Unit, iter_documents, iter_unit, plan_units, source_files
+from .sources import InputWarning, SourceError, Unit, check_inputs, iter_documents, iter_unit, plan_units, source_files
 from .tokenizer import TokenizerError, load_saved, load_tokenizer, sha256_file, tokenizer_file, train_bpe
 
 FORMAT_VERSION = 1
@@ -80,20 +82,22 @@ def tokenize_unit(folder: Path, index: int, unit: Unit, role: str, field: str, v
     outs = {split: open(f"{base}.{split}.bin.tmp", "wb") for split in ("train", "val")}
     ends = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
-    doc_index = 0
+    stats = Counter()
+    doc_index, max_id = 0, -1
 
     def flush(docs: list[str]) -> None:
-        nonlocal doc_index
+        nonlocal doc_index, max_id
         for ids in tokenizer.encode_batch(docs, threads=1):  # the workers are the parallelism
             split = "val" if role == "val" or is_validation(index, doc_index, val_every) else "train"
             doc = np.asarray(ids + [tokenizer.eot], dtype=dtype)
             doc.tofile(outs[split])
+            max_id = max(max_id, int(doc.max()))
             counts[split] += len(doc)
             ends[split].append(counts[split])
             doc_index += 1
 
     batch: list[str] = []
-    for doc in iter_unit(unit, field):
+    for doc in iter_unit(unit, field, stats):
         batch.append(doc)
         if len(batch) == ENCODE_BATCH:
             flush(batch)
@@ -105,7 +109,9 @@ def tokenize_unit(folder: Path, index: int, unit: Unit, role: str, field: str, v
         _write_array(Path(f"{base}.{split}.ends"), np.asarray(ends[split], dtype=np.uint64))
     record = {"shard": shard_name(index), "source": unit.path, "part": unit.begin, "role": role,
               "train_tokens": counts["train"], "train_documents": len(ends["train"]),
-              "val_tokens": counts["val"], "val_documents": len(ends["val"])}
+              "val_tokens": counts["val"], "val_documents": len(ends["val"]),
+              "max_token_id": max_id, "empty_documents": stats["empty_documents"],
+              "replaced_chars": stats["replaced_chars"]}
     _finish_shard(base, record)
     return record
 
@@ -148,6 +154,7 @@ def prepare(data: str, tokenizer: str, out: str | Path, *, workers: int = 1, fie
         val_every = 0  # a separate validation source: all of --data trains
     if not val_data and val_every < 2:
         raise PrepareError("pass --val-every K (K >= 2: about 1 document in K is held out) or --val-data FILES")
+    files = source_files(data) + (source_files(val_data) if val_data else [])
     jobs = [(u, "train") for u in plan_units(source_files(data), chunk_bytes)]
     if val_data:
         jobs += [(u, "val") for u in plan_units(source_files(val_data), chunk_bytes)]
@@ -205,6 +212,7 @@ def prepare(data: str, tokenizer: str, out: str | Path, *, workers: int = 1, fie
     bar.close()
 
     shards = [done[i] for i in range(len(jobs))]
+    check_inputs(input_counts(files, shards))  # every input empty: refused; else warnings with counts
     manifest = {
         "format": FORMAT_VERSION,
         "tokenizer": {"spec": tokenizer, "file": tok.file_name, "sha256": sha256_file(work / tok.file_name),
@@ -217,6 +225,9 @@ def prepare(data: str, tokenizer: str, out: str | Path, *, workers: int = 1, fie
         "val_tokens": sum(s["val_tokens"] for s in shards),
         "train_documents": sum(s["train_documents"] for s in shards),
         "val_documents": sum(s["val_documents"] for s in shards),
+        # the largest id in any shard: the trainer checks it against model.vocab_size without
+        # reading the tokens (absent in folders written before it was recorded: they are sampled)
+        "max_token_id": max((s.get("max_token_id", -1) for s in shards), default=-1),
         "shards": shards,
     }
     tmp = work / "manifest.json.tmp"
@@ -225,6 +236,18 @@ def prepare(data: str, tokenizer: str, out: str | Path, *, workers: int = 1, fie
     (work / "plan.json").unlink()
     os.replace(work, out)  # last: DIR exists only once complete
     return out
+
+
+def input_counts(files: list[Path], shards: list[dict]) -> dict[str, Counter]:
+    """Per input file, the shard records' document counts, for ``sources.check_inputs``
+    (records from before these counts existed count as no empty documents)."""
+    per_file = {str(f.resolve()): Counter() for f in files}
+    for s in shards:
+        c = per_file.setdefault(s["source"], Counter())
+        c["documents"] += s["train_documents"] + s["val_documents"]
+        c["empty_documents"] += s.get("empty_documents", 0)
+        c["replaced_chars"] += s.get("replaced_chars", 0)
+    return per_file
 
 
 def _saved_tokenizer(work: Path, spec: str, data: str, field: str, vocab_size: int):
@@ -258,12 +281,19 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-mb", type=float, default=32, help="JSONL files are cut into ranges of this size")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    try:
-        out = prepare(args.data, args.tokenizer, args.out, workers=args.workers, field=args.field,
-                      val_every=args.val_every, val_data=args.val_data, vocab_size=args.vocab_size,
-                      chunk_bytes=int(args.chunk_mb * 2**20), quiet=args.quiet)
-    except (PrepareError, SourceError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    error = None
+    with warnings.catch_warnings(record=True) as caught:  # printed as plain "warning:" lines
+        warnings.simplefilter("always", InputWarning)
+        try:
+            out = prepare(args.data, args.tokenizer, args.out, workers=args.workers, field=args.field,
+                          val_every=args.val_every, val_data=args.val_data, vocab_size=args.vocab_size,
+                          chunk_bytes=int(args.chunk_mb * 2**20), quiet=args.quiet)
+        except (PrepareError, SourceError, TokenizerError) as e:
+            error = e
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     m = json.loads((out / "manifest.json").read_text())
     print(f"{out}: {m['train_tokens']:,} train tokens ({m['train_documents']:,} documents), "

@@ -14,15 +14,26 @@ import glob
 import gzip
 import json
 import os
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+# A .txt file is decoded as UTF-8 with undecodable bytes replaced by U+FFFD. A few such bytes in
+# real text are counted and reported; above this share of the file's characters it is refused:
+# that is another encoding (Latin-1, UTF-16) or not text at all, and training on it is wasted.
+MAX_REPLACED_FRACTION = 0.01
 
 
 class SourceError(ValueError):
     """A data source that matches nothing, has an unknown format, or a malformed record."""
+
+
+class InputWarning(UserWarning):
+    """Input that is used but probably not what was meant: empty files or documents, or bytes of a
+    ``.txt`` file that were not UTF-8 (see ``check_inputs``)."""
 
 
 def file_format(path: Path) -> str:
@@ -113,11 +124,38 @@ def _jsonl_range(path: str, begin: int, end: int, field: str) -> Iterator[str]:
             pos += len(line)
 
 
-def iter_unit(unit: Unit, field: str = "text") -> Iterator[str]:
+def read_txt(path: str, stats: Counter | None = None) -> str:
+    """A ``.txt`` file as UTF-8, undecodable bytes replaced by U+FFFD and counted in
+    ``stats["replaced_chars"]`` (exactly: the file's own valid U+FFFD characters are not counted);
+    refused above ``MAX_REPLACED_FRACTION`` of its characters."""
+    raw = Path(path).read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    # EF BF BD (a valid U+FFFD) cannot be the tail of another sequence (0xEF is no continuation
+    # byte), so every other U+FFFD in the text is a replacement.
+    replaced = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    if replaced > MAX_REPLACED_FRACTION * max(len(text), 1):
+        raise SourceError(f"{path}: {replaced:,} of its {len(text):,} characters are not valid UTF-8 (more than "
+                          f"{MAX_REPLACED_FRACTION:.0%}): is it another encoding? convert it to UTF-8 "
+                          f"(e.g. iconv -f latin1 -t utf-8) or leave it out")
+    if stats is not None:
+        stats["replaced_chars"] += replaced
+    return text
+
+
+def iter_unit(unit: Unit, field: str = "text", stats: Counter | None = None) -> Iterator[str]:
     """The documents of one unit, in file order; memory bounded by one record (or one
-    parquet batch of 1024 rows)."""
+    parquet batch of 1024 rows). ``stats``, if given, counts ``documents``, ``empty_documents``
+    (nothing but whitespace) and ``replaced_chars`` (``read_txt``) for ``check_inputs``."""
+    for doc in _unit_documents(unit, field, stats):
+        if stats is not None:
+            stats["documents"] += 1
+            stats["empty_documents"] += not doc.strip()
+        yield doc
+
+
+def _unit_documents(unit: Unit, field: str, stats: Counter | None) -> Iterator[str]:
     if unit.fmt == ".txt":
-        yield Path(unit.path).read_text(encoding="utf-8", errors="replace")
+        yield read_txt(unit.path, stats)
     elif unit.fmt == ".jsonl":
         yield from _jsonl_range(unit.path, unit.begin, unit.end, field)
     elif unit.fmt == ".jsonl.gz":
@@ -135,7 +173,49 @@ def iter_unit(unit: Unit, field: str = "text") -> Iterator[str]:
             yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
-def iter_documents(files: list[Path], field: str = "text") -> Iterator[str]:
-    """Every document of ``files``, in order (whole files; no chunking needed)."""
+def iter_documents(files: list[Path], field: str = "text",
+                   stats: dict[str, Counter] | None = None) -> Iterator[str]:
+    """Every document of ``files``, in order (whole files; no chunking needed). ``stats``, if
+    given, gets one ``iter_unit`` counter per file (resolved path), every file included."""
+    if stats is not None:
+        for f in files:
+            stats.setdefault(str(f.resolve()), Counter())
     for unit in plan_units(files, chunk_bytes=1 << 62):
-        yield from iter_unit(unit, field)
+        yield from iter_unit(unit, field, None if stats is None else stats.setdefault(unit.path, Counter()))
+
+
+def _names(paths: list[str], limit: int = 5) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_inputs(per_file: Mapping[str, Mapping[str, int]], warn: bool = True) -> list[str]:
+    """What the counts of ``iter_unit`` say about the inputs, per file: refuse (SourceError)
+    when every file is empty (no document with text: nothing to train on, better said now
+    than as "fewer tokens than one batch"); otherwise the notes, each with its count, on empty
+    files, empty documents and replaced bytes, also issued as ``InputWarning`` when ``warn``."""
+    def n(counts, key):
+        return int(counts.get(key, 0))
+
+    empty = sorted(p for p, c in per_file.items() if n(c, "documents") - n(c, "empty_documents") <= 0)
+    if per_file and len(empty) == len(per_file):
+        raise SourceError(f"every input is empty: {len(empty)} file(s) without a non-empty document "
+                          f"({_names(empty)}); nothing to train on")
+    notes = []
+    if empty:
+        notes.append(f"{len(empty)} of {len(per_file)} input files are empty (no document with text): "
+                     f"{_names(empty)}")
+    with_text = [c for p, c in per_file.items() if p not in empty]
+    empty_docs = sum(n(c, "empty_documents") for c in with_text)
+    if empty_docs:
+        notes.append(f"{empty_docs:,} of the {sum(n(c, 'documents') for c in with_text):,} documents of the files "
+                     f"with text are empty (each adds only an end-of-text token)")
+    replaced = {p: n(c, "replaced_chars") for p, c in sorted(per_file.items()) if n(c, "replaced_chars")}
+    if replaced:
+        notes.append(f"{sum(replaced.values()):,} undecodable byte sequence(s) replaced by U+FFFD in "
+                     f"{len(replaced)} .txt file(s) (not valid UTF-8 there): "
+                     + _names([f"{p} ({k:,})" for p, k in replaced.items()]))
+    if warn:
+        for note in notes:
+            warnings.warn(note, InputWarning, stacklevel=2)
+    return notes

@@ -7,7 +7,8 @@
   ``python -m launch.tokenizer fetch``: pip downloads that one wheel without installing it (no
   dependency resolution, so no resolver error) and the model file is extracted into
   ``~/.cache/mano_dist/tokenizers/`` and checked against its SHA-256. An installed
-  ``mistral-common`` package is used as well.
+  ``mistral-common`` package is used as well. Either copy is checked against the same SHA-256
+  every time it is used: a damaged or swapped file is refused with the way to fix it.
 - A path: a SentencePiece ``.model`` file or a Hugging Face ``tokenizer.json``.
 
 Every tokenizer here encodes a list of documents to id lists without special tokens and ends
@@ -49,17 +50,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pinned(path: Path, what: str, fix: str) -> Path:
+    """``path`` if its SHA-256 is the pinned one, else a TokenizerError saying how to fix it."""
+    actual = sha256_file(path)
+    if actual != LLAMA32K_SHA256:
+        raise TokenizerError(f"data.tokenizer='llama32k': {what} {path} has SHA-256 {actual}, expected "
+                             f"{LLAMA32K_SHA256} (damaged, or not the file this project pins); {fix}")
+    return path
+
+
 def llama32k_path() -> Path:
-    """The 32k model file: the fetched copy, else an installed mistral-common's, else a clear error."""
+    """The 32k model file: the fetched copy, else an installed mistral-common's, else a clear error.
+    Whichever is found must have the pinned SHA-256 (checked on every call)."""
     cached = cache_dir() / "llama32k.model"
     if cached.is_file():
-        return cached
+        return _pinned(cached, "the cached copy", f"delete it (rm '{cached}') and fetch it again with "
+                                                  f"`{FETCH_COMMAND}`")
     try:
         from importlib.resources import files as resource_files
 
         installed = Path(str(resource_files("mistral_common") / "data" / "tokenizer.model.v1"))
         if installed.is_file():
-            return installed
+            return _pinned(installed, "the installed mistral-common's", f"install {LLAMA32K_WHEEL}, or fetch the "
+                                                                        f"pinned file with `{FETCH_COMMAND}` "
+                                                                        "(a fetched copy is used first)")
     except ModuleNotFoundError:
         pass
     raise TokenizerError(f"data.tokenizer='llama32k': the 32k SentencePiece model is not on this machine; "

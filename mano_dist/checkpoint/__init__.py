@@ -8,6 +8,7 @@ from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    UnsafeCheckpointError,
 )
 
 
@@ -27,4 +28,5 @@ __all__ = [
     "IncompleteCheckpointError",
     "CheckpointMismatchError",
     "CorruptCheckpointError",
+    "UnsafeCheckpointError",
 ]

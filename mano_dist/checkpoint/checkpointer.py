@@ -7,11 +7,18 @@ gather, which happens after every rank has written its shards. A crash at any mo
 leaves either the previous checkpoints or a complete new one as ``latest()``. Old checkpoints are
 renamed away before they are deleted, so a crash while pruning never leaves a half-deleted one
 under a ``step-N`` name. The folder must be visible to every rank (a shared file system), as DCP
-needs anyway.
+needs anyway. ``checkpointer.pt``, the RNG files and the manifest are each written to a temporary
+name, fsynced and renamed.
+
+Loading runs no code from the checkpoint: sizes and checksums are verified first, then every
+pickle is read with ``weights_only=True`` (see :mod:`.safe`). ``load("auto")`` falls back, on
+every rank alike, to the newest checkpoint that passes its checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import threading
@@ -23,12 +30,31 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import layout, rng, validate
-from .errors import CheckpointError, CorruptCheckpointError
+from . import layout, rng, safe, validate
+from .errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
+
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
-# Single-process saves and loads pass no_dist=True; DCP's async thread still warns about it.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+@contextlib.contextmanager
+def _quiet_no_dist():
+    """Single-process saves and loads pass no_dist=True on purpose; DCP warns about it anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
+
+
+_background_filter_added = False
+
+
+def _quiet_background_no_dist() -> None:
+    """A single-process async save warns from DCP's writer thread, after any scoped filter of
+    ours has been restored (``catch_warnings`` is not per thread): only this message, added
+    once, when such a Checkpointer is built (never at import)."""
+    global _background_filter_added
+    if not _background_filter_added:
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        _background_filter_added = True
 
 
 def _distributed() -> bool:
@@ -43,22 +69,41 @@ def _world() -> int:
     return dist.get_world_size() if _distributed() else 1
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
+def _agreed(error: CheckpointError | None) -> CheckpointError | None:
+    """The first rank's error (or None), the same on every rank (one all_gather)."""
+    if not _distributed():
+        return error
+    errors: list[Any] = [None] * _world()
+    dist.all_gather_object(errors, (type(error), str(error)) if error is not None else None)
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return None
+    cls, message = first
+    return error if error is not None and type(error) is cls and str(error) == message else cls(message)
 
 
 def _agree(error: CheckpointError | None) -> None:
     """Raise the first rank's error on every rank (one all_gather), so no rank goes on alone."""
-    if _distributed():
-        errors: list[Any] = [None] * _world()
-        dist.all_gather_object(errors, (type(error), str(error)) if error is not None else None)
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            cls, message = first
-            raise cls(message)
-    elif error is not None:
+    error = _agreed(error)
+    if error is not None:
         raise error
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    """``checkpointer.pt``'s bytes, refused here (not at resume) if ``weights_only`` loading
+    could not read them back: ``extra`` and the scheduler state must be plain data."""
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    data = buf.getvalue()
+    try:
+        safe.load(io.BytesIO(data))
+    except UnsafeCheckpointError as e:
+        detail = str(e).split("refuses", 1)[-1].split(";")[0].strip()
+        raise CheckpointError(
+            f"Cannot save: extra / scheduler state hold objects that weights_only loading refuses "
+            f"{detail}; keep them to dicts, lists, tuples, str, numbers, bools, None and tensors"
+        ) from None
+    return data
 
 
 def _state_dicts(model, optimizer) -> dict[str, Any]:
@@ -121,6 +166,8 @@ class Checkpointer:
         self._finalized = threading.Event()
         self._finalize_error: BaseException | None = None
         self._group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+        if async_save and not _distributed():
+            _quiet_background_no_dist()
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> str | None:
@@ -135,7 +182,11 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
     def save(self, step: int, model=None, optimizer=None, scheduler=None, extra: dict | None = None) -> str:
         """Write checkpoint ``step-<step>``; returns its final path (complete once ``wait``
-        returns when async). ``extra`` is a small picklable dict (data position, ...)."""
+        returns when async). ``extra`` is a small dict of plain data (data position, ...): it
+        is read back with ``weights_only=True``, so dicts, lists, tuples, str, numbers, bools,
+        None and tensors only (anything else is refused here, before a byte is written).
+        A failure on any rank before DCP's collective write (folder, RNG file, metadata) raises
+        CheckpointError on every rank."""
         import torch.distributed.checkpoint as dcp
 
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -145,25 +196,37 @@ class Checkpointer:
         self.wait()
         rank = _rank()
         final, tmp = layout.step_dir(self.folder, step), layout.tmp_dir(self.folder, step)
+        error = None
         if rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a save that was killed: start over
-                shutil.rmtree(tmp)
-        _barrier()
-        (tmp / layout.RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(rng.capture(), layout.rng_file(tmp, rank))
-        if rank == 0:
-            meta = {
-                "format": 1,
-                "step": step,
-                "extra": extra or {},
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "world_size": _world(),
-            }
-            torch.save(meta, tmp / layout.META)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():  # left by a save that was killed: start over
+                    shutil.rmtree(tmp)
+            except OSError as e:  # shared below: the other ranks must not wait in a collective
+                error = CheckpointError(f"Cannot prepare {str(tmp)!r} for step {step}: {e}")
+        _agree(error)  # also the barrier: no rank writes into tmp before rank 0 cleared it
+        error = None
+        try:
+            (tmp / layout.RNG_DIR).mkdir(parents=True, exist_ok=True)
+            validate.save_atomic(rng.capture(), layout.rng_file(tmp, rank))
+            if rank == 0:
+                meta = {
+                    "format": 1,
+                    "step": step,
+                    "extra": extra or {},
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "world_size": _world(),
+                }
+                validate.write_atomic(tmp / layout.META, _meta_bytes(meta))
+        except CheckpointError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 - disk full, permissions: every rank raises
+            error = CheckpointError(f"Cannot write step {step} into {str(tmp)!r} (rank {rank}): {e}")
+        _agree(error)
         state = _state_dicts(model, optimizer)
         if not self.async_save:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+            with _quiet_no_dist():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
             known = self._checksum_share(tmp) if self.checksums and _distributed() else None
             error = None
             if rank == 0:
@@ -173,9 +236,10 @@ class Checkpointer:
                     error = CheckpointError(f"Could not mark checkpoint {str(final)!r} complete: {e}")
             _agree(error)
             return str(final)
-        future = dcp.async_save(
-            state, checkpoint_id=str(tmp), process_group=self._group, no_dist=not _distributed()
-        )
+        with _quiet_no_dist():
+            future = dcp.async_save(
+                state, checkpoint_id=str(tmp), process_group=self._group, no_dist=not _distributed()
+            )
         self._finalized.clear()
         self._finalize_error = None
         if rank == 0:
@@ -249,36 +313,67 @@ class Checkpointer:
     def load(self, model=None, optimizer=None, scheduler=None, path: str | os.PathLike | None = "auto",
              restore_rng: bool = True) -> dict[str, Any] | None:
         """Load a checkpoint into model/optimizer/scheduler (any world size, any sharding) and
-        restore this rank's RNG states. ``path="auto"`` picks the newest complete checkpoint and
-        returns None when there is none. Returns ``{"step", "extra", "path"}``.
+        restore this rank's RNG states. Returns ``{"step", "extra", "path"}``.
+
+        ``path="auto"`` takes the newest complete checkpoint that passes its checks and returns
+        None when there is no complete one. One that fails them (corrupt, refused by
+        ``weights_only``, unreadable) is skipped with a warning naming it and why, and the next
+        older one is tried, alike on every rank; if none loads, CheckpointError lists them all.
+        CheckpointMismatchError (another model or optimizer) is raised, never skipped, and an
+        explicit ``path`` is never replaced by another.
 
         Raises (on every rank, before any rank loads anything) a subclass of CheckpointError:
         CheckpointNotFoundError, IncompleteCheckpointError, CheckpointMismatchError (naming the
-        first key that differs and both shapes) or CorruptCheckpointError.
+        first key that differs and both shapes), CorruptCheckpointError, or its subclass
+        UnsafeCheckpointError (a pickle holds objects ``weights_only`` loading refuses).
         """
+        self.wait()
+        if path != "auto" and path is not None:
+            return self._load_one(Path(path), model, optimizer, scheduler, restore_rng)
+        candidates = self._agreed_checkpoints()
+        failures = []
+        for candidate in reversed(candidates):
+            try:
+                return self._load_one(Path(candidate), model, optimizer, scheduler, restore_rng)
+            except CheckpointMismatchError:
+                raise
+            except CheckpointError as e:
+                failures.append(f"{candidate!r}: {e}")
+                warnings.warn(f"Skipping checkpoint {candidate!r}, it cannot be loaded: {e}; trying the next "
+                              "older one", stacklevel=2)
+        if failures:
+            raise CheckpointError(f"No checkpoint in {str(self.folder)!r} can be loaded: " + " | ".join(failures))
+        return None
+
+    def _agreed_checkpoints(self) -> list[str]:
+        """The complete checkpoints, checked to be the same list on every rank."""
+        found = self.checkpoints()
+        if _distributed():
+            seen: list[Any] = [None] * _world()
+            dist.all_gather_object(seen, found)
+            if any(s != found for s in seen):
+                newest = [s[-1] if s else None for s in seen]
+                _agree(CheckpointError(
+                    f"Ranks see different newest checkpoints in {str(self.folder)!r}: {newest}; the "
+                    "folder must be on a file system shared by every rank"
+                ))
+        return found
+
+    def _load_one(self, path: Path, model, optimizer, scheduler, restore_rng: bool) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-        self.wait()
-        if path == "auto" or path is None:
-            path = self.latest()
-            if _distributed():
-                seen: list[Any] = [None] * _world()
-                dist.all_gather_object(seen, path)
-                if len(set(seen)) != 1:
-                    _agree(CheckpointError(
-                        f"Ranks see different newest checkpoints in {str(self.folder)!r}: {seen}; the "
-                        "folder must be on a file system shared by every rank"
-                    ))
-            if path is None:
-                return None
-        path = Path(path)
         state = _state_dicts(model, optimizer)
-        meta, error = self._check(path, state)
+        meta, rng_state, error = self._check(path, state, restore_rng)
         _agree(error)
         try:
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+            with _quiet_no_dist():
+                dcp.load(state, storage_reader=safe.SafeFileSystemReader(str(path)), planner=safe.SafeLoadPlanner(),
+                         no_dist=not _distributed())
         except (Exception, CheckpointException) as e:  # DCP gathered it: raised on every rank
+            unsafe = safe.unsafe_failure(e)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(f"Checkpoint {str(path)!r}: {unsafe}") from None
             raise CorruptCheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
         if "optim" in state:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -287,30 +382,34 @@ class Checkpointer:
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
         if restore_rng:
-            rng_path = layout.rng_file(path, _rank())
-            if rng_path.is_file():
-                rng.restore(torch.load(rng_path, weights_only=False))
+            if rng_state is not None:
+                rng.restore(rng_state)
             else:
                 warnings.warn(
                     f"{str(path)!r} has no RNG state for rank {_rank()} (saved with world size "
                     f"{meta.get('world_size')}); RNG states were left as they are",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         return {"step": int(meta["step"]), "extra": meta["extra"], "path": str(path)}
 
-    def _check(self, path: Path, state: dict[str, Any]):
-        """This rank's verdict on ``path``: (meta, None) or (None, the error)."""
+    def _check(self, path: Path, state: dict[str, Any], read_rng: bool = True):
+        """This rank's verdict on ``path``: (meta, this rank's RNG state or None, error or None).
+        Sizes and checksums are verified before any file is unpickled, and every pickle is read
+        with ``weights_only=True``."""
         error = validate.check_present(path)
+        if error is None:
+            error = validate.check_files(path, _rank(), _world(), checksums=self.checksums)
         if error is not None:
-            return None, error
+            return None, None, error
         meta, error = validate.read_meta(path)
         if error is not None:
-            return None, error
-        if self.checksums:
-            error = validate.check_files(path, _rank(), _world())
+            return None, None, error
+        rng_state = None
+        if read_rng:
+            rng_state, error = validate.read_rng(path, _rank())
             if error is not None:
-                return None, error
+                return None, None, error
         metadata, error = validate.read_dcp_metadata(path)
         if error is not None:
-            return None, error
-        return meta, validate.check_compatible(validate.tensor_shapes(state), metadata)
+            return None, None, error
+        return meta, rng_state, validate.check_compatible(validate.tensor_shapes(state), metadata)

@@ -7,11 +7,16 @@ The output is ``{"model": {fqn: full tensor}, "optim": {...}, "step": N, "extra"
 "scheduler": {...}}``; with ``--model-only`` just the model's ``{fqn: tensor}``, which
 ``model.load_state_dict`` of an unsharded model accepts. Runs in one process, no process group,
 and needs memory for the whole checkpoint.
+
+Nothing in the checkpoint runs: sizes and checksums are checked first and every pickle is read
+with ``weights_only=True`` (see :mod:`mano_dist.checkpoint.safe`). The output is written to
+``<out>.tmp``, fsynced and renamed, so a failed or killed run never leaves a torn ``<out>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import layout, validate
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from . import layout, safe, validate
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 
 
 def _resolve(path: Path) -> Path:
@@ -47,32 +52,54 @@ def _check(path: Path) -> Path:
     return path
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """The whole DCP checkpoint as nested dicts of full tensors, through the safe reader."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(state, storage_reader=safe.SafeFileSystemReader(str(path)),
+                         planner=safe.SafeEmptyLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        unsafe = safe.unsafe_failure(e)
+        if unsafe is not None:
+            raise UnsafeCheckpointError(f"Checkpoint {str(path)!r}: {unsafe}") from None
+        raise CorruptCheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
+    return state
+
+
+def write_file(state: Any, out: Path) -> None:
+    """``torch.save`` to ``<out>.tmp``, fsync, rename over ``out`` (never a torn ``out``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def consolidate(path, out, model_only: bool = False) -> dict[str, Any]:
     """Write the consolidated state of checkpoint ``path`` to ``out``; returns what was written.
 
     Plain DCP folders (not written by the Checkpointer) work too, without the extra checks."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     path = _check(path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        dcp_to_torch_save(str(path), str(out))
-        state = torch.load(out, map_location="cpu", weights_only=False, mmap=True)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise CorruptCheckpointError(f"Checkpoint {str(path)!r} could not be read: {e}") from e
-    if model_only:
-        state = state["model"]
-    elif (path / layout.META).exists():
+    meta = None
+    if not model_only and (path / layout.META).exists():
         meta, error = validate.read_meta(path)
         if error is not None:
             raise error
-        state.update(step=meta["step"], extra=meta["extra"], scheduler=meta["scheduler"])
-    else:
-        return state
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    state = _read(path)
+    if model_only:
+        state = state["model"]
+    elif meta is not None:
+        state.update(step=meta["step"], extra=meta["extra"], scheduler=meta.get("scheduler"))
+    write_file(state, Path(out))
     return state
 
 
@@ -96,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state = consolidate(args.checkpoint, args.out, model_only=args.model_only)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         print(f"mano-consolidate: error: {e}", file=sys.stderr)
         return 1
     tensors, numel = _count(state.get("model", state) if not args.model_only else state)

@@ -22,3 +22,8 @@ class CheckpointMismatchError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
     """A file is missing, truncated or does not match the checksum recorded at save time."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A file holds pickled objects that ``weights_only`` loading refuses (code could run if it
+    were unpickled in full): planted by whoever wrote it, or written by foreign code."""

@@ -4,14 +4,16 @@ instead of a hang or a half-loaded model. Each function returns an error (or Non
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import layout
+from . import layout, safe
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -47,6 +49,28 @@ def file_entries(path: Path, names, checksums: bool = True) -> dict[str, list]:
     return {n: [(path / n).stat().st_size, crc32_of(path / n) if checksums else None] for n in names}
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``path.partial`` + fsync + rename: a crash leaves the
+    old file or the new one, never a torn one under the real name."""
+    path = Path(path)
+    part = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`write_atomic`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
 def write_manifest(path: Path, checksums: bool = True, known: dict[str, list] | None = None) -> None:
     """Record size (and CRC-32) of every file; ``known`` entries (computed by other ranks) are
     reused, the rest computed here."""
@@ -55,7 +79,7 @@ def write_manifest(path: Path, checksums: bool = True, known: dict[str, list] | 
     names = manifest_files(path)
     entries = {**file_entries(path, [n for n in names if n not in known], checksums),
                **{n: known[n] for n in names if n in known}}
-    (path / layout.MANIFEST).write_text(json.dumps({"files": dict(sorted(entries.items()))}, indent=0))
+    write_atomic(path / layout.MANIFEST, json.dumps({"files": dict(sorted(entries.items()))}, indent=0).encode())
 
 
 def check_present(path: Path) -> CheckpointError | None:
@@ -73,14 +97,18 @@ def check_present(path: Path) -> CheckpointError | None:
     return None
 
 
-def check_files(path: Path, rank: int = 0, world_size: int = 1) -> CheckpointError | None:
-    """Every file of the manifest exists with its size; this rank checksums its share of them."""
+def check_files(path: Path, rank: int = 0, world_size: int = 1, checksums: bool = True) -> CheckpointError | None:
+    """Every file of the manifest exists with its size; this rank checksums its share of them
+    (``checksums=False``: sizes only). Runs before any file of the checkpoint is unpickled."""
     path = Path(path)
     try:
         entries = json.loads((path / layout.MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return CorruptCheckpointError(f"Checkpoint {str(path)!r}: cannot read {layout.MANIFEST}: {e}")
+        entries = {str(name): (int(size), None if crc is None else int(crc)) for name, (size, crc) in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return CorruptCheckpointError(f"Checkpoint {str(path)!r}: cannot read {layout.MANIFEST}: {e!r}")
     for i, (name, (size, crc)) in enumerate(sorted(entries.items())):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return CorruptCheckpointError(f"Checkpoint {str(path)!r}: {layout.MANIFEST} names {name!r}, outside the folder")
         f = path / name
         if not f.is_file():
             return CorruptCheckpointError(f"Checkpoint {str(path)!r}: file {name!r} is missing")
@@ -90,7 +118,7 @@ def check_files(path: Path, rank: int = 0, world_size: int = 1) -> CheckpointErr
                 f"Checkpoint {str(path)!r}: file {name!r} is truncated or altered "
                 f"({actual} bytes, {size} were written)"
             )
-        if crc is not None and i % world_size == rank and crc32_of(f) != crc:
+        if checksums and crc is not None and i % world_size == rank and crc32_of(f) != crc:
             return CorruptCheckpointError(
                 f"Checkpoint {str(path)!r}: file {name!r} is corrupted (CRC-32 differs from the one "
                 "recorded at save time)"
@@ -99,18 +127,38 @@ def check_files(path: Path, rank: int = 0, world_size: int = 1) -> CheckpointErr
 
 
 def read_meta(path: Path) -> tuple[dict[str, Any] | None, CheckpointError | None]:
+    """``checkpointer.pt``, read with ``weights_only=True`` (plain dicts, numbers, strings)."""
+    file = Path(path) / layout.META
     try:
-        meta = torch.load(Path(path) / layout.META, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
-        return None, CorruptCheckpointError(f"Checkpoint {str(path)!r}: cannot read {layout.META}: {e}")
+        meta = safe.load(file)
+    except CheckpointError as e:
+        return None, type(e)(f"Checkpoint {str(path)!r}: {e}")
+    if not isinstance(meta, dict) or not {"step", "extra"} <= set(meta):
+        return None, CorruptCheckpointError(f"Checkpoint {str(path)!r}: {layout.META} holds no step/extra record")
     return meta, None
 
 
-def read_dcp_metadata(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-
+def read_rng(path: Path, rank: int) -> tuple[dict[str, Any] | None, CheckpointError | None]:
+    """This rank's RNG states (``weights_only=True`` plus numpy's state), or (None, None) if the
+    checkpoint has none for this rank (it was saved at a smaller world size)."""
+    file = layout.rng_file(path, rank)
+    if not file.is_file():
+        return None, None
     try:
-        return FileSystemReader(str(path)).read_metadata(), None
+        state = safe.load(file, safe.rng_globals())
+    except CheckpointError as e:
+        return None, type(e)(f"Checkpoint {str(path)!r}: {e}")
+    if not isinstance(state, dict) or "torch" not in state or "python" not in state:
+        return None, CorruptCheckpointError(f"Checkpoint {str(path)!r}: {file.name} holds no RNG states")
+    return state, None
+
+
+def read_dcp_metadata(path: Path):
+    """DCP's ``.metadata`` (a pickle) through the restricted unpickler of :mod:`.safe`."""
+    try:
+        return safe.read_dcp_metadata(path), None
+    except CheckpointError as e:
+        return None, type(e)(f"Checkpoint {str(path)!r}: {e}")
     except Exception as e:  # noqa: BLE001
         return None, CorruptCheckpointError(
             f"Checkpoint {str(path)!r}: cannot read the DCP metadata ({layout.DCP_METADATA}): {e}"

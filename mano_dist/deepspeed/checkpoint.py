@@ -19,18 +19,41 @@ optimizer's state dict). DeepSpeed's universal-checkpoint converter hard-codes A
 RNG states, resumed by ``engine.load_checkpoint`` at the saved world size and through the
 converter at any other. ``python -m mano_dist.deepspeed.checkpoint CKPT_DIR TAG OUT.pt`` runs
 step 1 offline.
+
+Completion and safety: after DeepSpeed's final barrier and every rank's RNG file, rank 0 writes
+``<tag>/manifest.json`` (sizes, CRC-32s) and then ``<tag>/COMPLETE`` (DeepSpeed's own ``latest``
+file is written before its final barrier, so it can name a tag another rank is still writing).
+``load_run(tag=None)`` considers only tags with ``COMPLETE``, newest first, and falls back (every
+rank alike, with a warning) past one that fails its checks. Before anything is unpickled, the
+manifest is verified and every ``.pt`` file is read with ``weights_only=True`` and the allow-list
+of :func:`mano_dist.checkpoint.safe.deepspeed_globals` (each rank a share, verdicts gathered);
+DeepSpeed's own loader is switched to the same reading while it runs. Tags saved before the
+marker existed load when named explicitly (a warning says their completeness is unknown).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import re
+import shutil
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from ..checkpoint import rng
+from ..checkpoint import layout, rng, safe, validate
+from ..checkpoint.checkpointer import _agree, _distributed, _fsync_dir, _rank, _remove, _world
+from ..checkpoint.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+)
 from .optimizer import DeepSpeedMano
 from .zero_metadata import flat_partitions, zero_stage_of
 
@@ -44,10 +67,17 @@ _ENGINE_KEYS = frozenset((
 ))
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 RNG_DIR = "rng"
+COMPLETE = layout.COMPLETE
+MANIFEST = layout.MANIFEST
 
 
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _allowed() -> list:
+    return safe.deepspeed_globals() + safe.rng_globals()
+
+
+def _load(path, mmap: bool = False):
+    """A file of the checkpoint, read with ``weights_only=True`` and the DeepSpeed allow-list."""
+    return safe.load(path, _allowed(), mmap=mmap)
 
 
 def _rank_files(folder: str, pattern: str) -> list[str]:
@@ -216,51 +246,263 @@ def load_resharded(engine, checkpoint_dir: str, tag: str) -> dict:
     return load_consolidated(engine, consolidate(checkpoint_dir, tag))
 
 
-def save_run(engine, checkpoint_dir: str, tag: str, client_state: dict | None = None) -> None:
-    """``engine.save_checkpoint`` plus this rank's RNG states (DeepSpeed saves none)."""
+def _marker(folder: Path) -> tuple[int, float] | None:
+    """(global steps, save time) recorded in ``<tag>/COMPLETE``, None if the tag has none."""
+    try:
+        record = json.loads((folder / COMPLETE).read_text())
+        return int(record["global_steps"]), float(record["saved_at"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable marker: oldest, still a candidate
+        return -1, 0.0
+
+
+def complete_tags(checkpoint_dir) -> list[str]:
+    """Tags of ``checkpoint_dir`` marked complete by :func:`save_run`, oldest first (by the
+    engine's step counter, then save time)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.endswith((layout.TRASH_SUFFIX, layout.TMP_SUFFIX)):
+            key = _marker(folder)
+            if key is not None:
+                found.append((key, folder.name))
+    return [tag for _, tag in sorted(found)]
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    tags = complete_tags(root)
+    for tag in tags[: max(0, len(tags) - keep_last)]:
+        if tag != keep:
+            _remove(root / tag)
+    for path in root.iterdir():  # leftovers of killed deletes
+        if path.name.endswith(layout.TRASH_SUFFIX):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _checksum_share(folder: Path) -> dict[str, list] | None:
+    """Each rank CRCs 1/world of the tag's files; rank 0 gets them all (None without a group)."""
     import torch.distributed as dist
 
+    if not _distributed():
+        return None
+    names = validate.manifest_files(folder)
+    shares: list = [None] * _world()
+    dist.all_gather_object(shares, validate.file_entries(folder, names[_rank() :: _world()]))
+    return {name: entry for share in shares for name, entry in share.items()}
+
+
+def save_run(engine, checkpoint_dir: str, tag: str, client_state: dict | None = None,
+             keep_last: int | None = None) -> None:
+    """``engine.save_checkpoint`` plus this rank's RNG states (DeepSpeed saves none), then a
+    manifest and the ``COMPLETE`` marker (rank 0, once every rank has written). ``keep_last``
+    (None or 0: keep all) removes the oldest complete tags beyond that many, each renamed to
+    ``<tag>.deleting`` before it is deleted. A failure on any rank raises CheckpointError on
+    every rank."""
+    if keep_last is not None and keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 or None, got {keep_last}")
+    root, rank = Path(checkpoint_dir), _rank()
+    folder = root / tag
+    error = None
+    if rank == 0 and folder.exists():  # an old save under this tag: its marker and stale files go first
+        try:
+            _remove(folder)
+            if folder.exists():
+                raise OSError("it is still there after the removal")
+        except OSError as e:
+            error = CheckpointError(f"Cannot remove the old {str(folder)!r} before saving tag {tag!r} again: {e}")
+    _agree(error)
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state or {})
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    folder = os.path.join(checkpoint_dir, tag, RNG_DIR)
-    os.makedirs(folder, exist_ok=True)
-    torch.save(rng.capture(), os.path.join(folder, f"rank-{rank}.pt"))
-    if dist.is_initialized():
-        dist.barrier()
+    error = None
+    try:
+        (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        validate.save_atomic(rng.capture(), folder / RNG_DIR / f"rank-{rank}.pt")
+    except Exception as e:  # noqa: BLE001 - every rank raises, none waits below
+        error = CheckpointError(f"Cannot write the RNG state of rank {rank} into {str(folder)!r}: {e}")
+    _agree(error)  # after this every rank's files are written
+    known = _checksum_share(folder)
+    error = None
+    if rank == 0:
+        try:
+            validate.write_manifest(folder, known=known)
+            record = {"tag": tag, "global_steps": int(engine.global_steps), "saved_at": time.time()}
+            validate.write_atomic(folder / COMPLETE, (json.dumps(record) + "\n").encode())
+            _fsync_dir(folder)
+            _fsync_dir(root)
+            if keep_last:
+                _prune(root, keep_last, keep=tag)
+        except Exception as e:  # noqa: BLE001
+            error = CheckpointError(f"Could not mark DeepSpeed checkpoint {str(folder)!r} complete: {e}")
+    _agree(error)
+
+
+def _here_shapes(engine) -> dict[str, tuple]:
+    return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
+
+
+def _shape_mismatch(folder: Path, model_states: dict, engine) -> CheckpointError | None:
+    """The first parameter whose presence or shape differs between ``engine`` and the tag."""
+    here = _here_shapes(engine)
+    groups = model_states.get("param_shapes")
+    if groups is not None:  # ZeRO >= 1: the trainable params, by group
+        saved = {n: tuple(s) for g in (groups if isinstance(groups, list) else [groups]) for n, s in g.items()}
+        saved.update({n: tuple(s) for n, s in (model_states.get("frozen_param_shapes") or {}).items()})
+        here = {n: s for n, s in here.items() if n in saved or engine.module.get_parameter(n).requires_grad}
+    else:  # stage 0: the module's state dict (params and buffers)
+        buffers = set(model_states.get("buffer_names") or ())
+        saved = {n: tuple(t.shape) for n, t in (model_states.get("module") or {}).items() if n not in buffers}
+    for name, shape in here.items():
+        if name not in saved:
+            return CheckpointMismatchError(f"DeepSpeed checkpoint {str(folder)!r} does not match this model: "
+                                           f"{name!r} (shape {list(shape)}) is not in the checkpoint")
+        if saved[name] != shape:
+            return CheckpointMismatchError(f"DeepSpeed checkpoint {str(folder)!r} does not match this model: "
+                                           f"{name!r} has shape {list(saved[name])} in the checkpoint but "
+                                           f"{list(shape)} here")
+    extra = sorted(set(saved) - set(here))
+    if extra:
+        return CheckpointMismatchError(f"DeepSpeed checkpoint {str(folder)!r} does not match this model: the "
+                                       f"checkpoint has {extra[0]!r} (shape {list(saved[extra[0]])}), which is not here")
+    return None
+
+
+def check_tag(folder, engine=None, rank: int = 0, world_size: int = 1) -> CheckpointError | None:
+    """This rank's verdict on a tag folder, before anything of it is unpickled in full: it
+    exists; if it has a manifest, it is marked complete and every file has its size (and this
+    rank's share its CRC-32); this rank's share of the ``.pt`` files passes ``weights_only``
+    loading (only the pickles are read); and, given an engine, the parameters match."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return CheckpointNotFoundError(f"DeepSpeed checkpoint {str(folder)!r} does not exist")
+    if (folder / MANIFEST).exists() or _marker(folder) is not None:
+        if _marker(folder) is None:
+            return IncompleteCheckpointError(f"DeepSpeed checkpoint {str(folder)!r} is incomplete (no {COMPLETE} "
+                                             "marker): its save was interrupted or is still running")
+        error = validate.check_files(folder, rank, world_size)
+        if error is not None:
+            return error
+    files = sorted(str(f) for f in folder.rglob("*.pt"))
+    if not files:
+        return CheckpointNotFoundError(f"{str(folder)!r} holds no DeepSpeed checkpoint files (*.pt)")
+    try:
+        for i, f in enumerate(files):
+            if i % world_size == rank:
+                _load(f, mmap=True)
+        if engine is not None:
+            model_files = sorted(f for f in files if f.endswith("model_states.pt") and os.sep + RNG_DIR + os.sep not in f)
+            if not model_files:
+                return CheckpointNotFoundError(f"{str(folder)!r} holds no DeepSpeed model-states file")
+            return _shape_mismatch(folder, _load(model_files[0], mmap=True), engine)
+    except CheckpointError as e:
+        return type(e)(f"DeepSpeed checkpoint {str(folder)!r}: {e}")
+    return None
+
+
+@contextlib.contextmanager
+def _weights_only_loads(engine):
+    """DeepSpeed's checkpoint engine reads with ``weights_only=False``: read with the allow-list
+    instead while ``engine.load_checkpoint`` runs (the files were checked just before)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or type(ce).__name__ != "TorchCheckpointEngine":
+        yield
+        return
+    allowed = _allowed()
+    before = vars(ce).get("load")  # normally absent: the class's method
+    ce.load = lambda path, map_location=None: safe.load(path, allowed, map_location=map_location)
+    try:
+        yield
+    finally:
+        if before is None:
+            del ce.load
+        else:
+            ce.load = before
+
+
+def _load_tag(engine, checkpoint_dir: str, tag: str) -> tuple[str, dict]:
+    import torch.distributed as dist
+
+    folder = Path(checkpoint_dir) / tag
+    _agree(check_tag(folder, engine, _rank(), _world()))
+    if _marker(folder) is None:
+        warnings.warn(f"DeepSpeed checkpoint {str(folder)!r} has no {COMPLETE} marker (saved before mano_dist "
+                      "wrote one): whether its save finished cannot be told", stacklevel=3)
+    saved = len(_rank_files(str(folder), "zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if saved in (0, engine.dp_world_size):  # 0: ZeRO stage 0, the whole state in one file
+        with _weights_only_loads(engine):
+            path, client = engine.load_checkpoint(checkpoint_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {folder}")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng_file = folder / RNG_DIR / f"rank-{rank}.pt"
+        if rng_file.is_file():
+            rng.restore(_load(rng_file))
+        return path, {k: v for k, v in client.items() if k not in _ENGINE_KEYS}
+    return str(folder), load_resharded(engine, checkpoint_dir, tag)
 
 
 def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, dict] | None:
     """Resume a run saved by :func:`save_run` at any data-parallel world size.
 
-    Returns ``(path, client_state)``, or None when ``tag`` is None and there is no ``latest``.
+    Returns ``(path, client_state)``, or None when ``tag`` is None and ``checkpoint_dir`` holds
+    no checkpoint at all. ``tag=None`` takes the newest tag marked complete; one that fails its
+    checks (corrupt, incomplete, refused by ``weights_only``) is skipped with a warning and the
+    next older one tried, alike on every rank. CheckpointMismatchError (another model) is raised,
+    never skipped; an explicit ``tag`` is never replaced. A folder with DeepSpeed checkpoints
+    but no marked tag (saved before the marker existed) raises IncompleteCheckpointError naming
+    the tag DeepSpeed's ``latest`` points at: pass it explicitly.
+
     The saved world size is read from the file names, alike on every rank, so all ranks take
     the same path: ``engine.load_checkpoint`` when it equals this one (bit-exact) or the
     checkpoint is not partitioned (stage 0), else the converter (:func:`load_resharded`).
     """
+    if tag is not None:
+        return _load_tag(engine, checkpoint_dir, tag)
+    tags = complete_tags(checkpoint_dir)
+    seen = _agreed_list(tags)
+    if seen is not None:
+        _agree(CheckpointError(f"Ranks see different complete DeepSpeed checkpoints in {checkpoint_dir!r}: {seen}; "
+                               "the folder must be on a file system shared by every rank"))
+    if not tags:
+        latest = Path(checkpoint_dir) / "latest"
+        error = None
+        if latest.is_file():
+            named = latest.read_text().strip()
+            error = IncompleteCheckpointError(
+                f"{checkpoint_dir!r} holds DeepSpeed checkpoints but none marked {COMPLETE} by save_run (saved "
+                f"before mano_dist marked them, or every save was interrupted); DeepSpeed's 'latest' names "
+                f"{named!r}: load it explicitly (tag={named!r}; the trainer: --resume {os.path.join(checkpoint_dir, named)})")
+        _agree(error)
+        return None
+    failures = []
+    for candidate in reversed(tags):
+        try:
+            return _load_tag(engine, checkpoint_dir, candidate)
+        except CheckpointMismatchError:
+            raise
+        except CheckpointError as e:
+            failures.append(f"{candidate!r}: {e}")
+            warnings.warn(f"Skipping DeepSpeed checkpoint {candidate!r} in {checkpoint_dir!r}, it cannot be "
+                          f"loaded: {e}; trying the next older one", stacklevel=2)
+    raise CheckpointError(f"No DeepSpeed checkpoint in {checkpoint_dir!r} can be loaded: " + " | ".join(failures))
+
+
+def _agreed_list(values: list) -> list | None:
+    """None if every rank holds the same ``values``, else what each rank holds."""
     import torch.distributed as dist
 
-    if tag is None:
-        latest = os.path.join(checkpoint_dir, "latest")
-        if not os.path.isfile(latest):
-            return None
-        with open(latest) as f:
-            tag = f.read().strip()
-    folder = os.path.join(checkpoint_dir, tag)
-    saved = len(_rank_files(folder, "zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    if saved in (0, engine.dp_world_size):  # 0: ZeRO stage 0, the whole state in one file
-        path, client = engine.load_checkpoint(checkpoint_dir, tag=tag)
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load {folder}")
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        rng_file = os.path.join(folder, RNG_DIR, f"rank-{rank}.pt")
-        if os.path.isfile(rng_file):
-            rng.restore(_load(rng_file))
-        return path, {k: v for k, v in client.items() if k not in _ENGINE_KEYS}
-    return folder, load_resharded(engine, checkpoint_dir, tag)
+    if not _distributed():
+        return None
+    seen: list = [None] * _world()
+    dist.all_gather_object(seen, values)
+    return None if all(v == values for v in seen) else seen
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     import argparse
+
+    from ..checkpoint.convert import write_file
 
     ap = argparse.ArgumentParser(prog="python -m mano_dist.deepspeed.checkpoint",
                                  description="Consolidate a ZeRO checkpoint (Mano) into one file, for any world size.")
@@ -268,8 +510,16 @@ def main(argv=None) -> None:
     ap.add_argument("tag", metavar="TAG")
     ap.add_argument("out", metavar="OUT.pt")
     args = ap.parse_args(argv)
-    torch.save(consolidate(args.ckpt_dir, args.tag), args.out)
+    try:
+        error = check_tag(Path(args.ckpt_dir) / args.tag)
+        if error is not None:
+            raise error
+        write_file(consolidate(args.ckpt_dir, args.tag), Path(args.out))
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
