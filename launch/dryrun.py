@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from mano_dist.dtensors import local
+
 GiB = 2**30
 DEFAULT_RESERVE_GIB = 3.0
 COMPILE_NOTE = ("note: train.compile = true is traced eager: torch.compile cannot run on the dry run's fake "
@@ -135,7 +137,7 @@ def local_bytes(tensors) -> int:
     for t in tensors:
         if t is None:
             continue
-        t = t.to_local() if hasattr(t, "to_local") else t
+        t = local(t)
         total += t.numel() * t.element_size()
     return total
 

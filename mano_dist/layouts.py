@@ -23,13 +23,15 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from .dtensors import is_dtensor
+from .dtensors import local as local_tensor
 from .functional import STATS_DTYPE
 
 try:  # DTensor is public since torch 2.5; keep the dense path importable without it.
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment]
+    pass
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -79,8 +81,7 @@ class BlockLayout:
     origin: tuple = ()
 
     def local(self, t: Tensor) -> Tensor:
-        if DTensor is not None and isinstance(t, DTensor):
-            t = t.to_local()
+        t = local_tensor(t)
         return t.view(matrix_shape(t.shape)) if t.ndim > 2 else t
 
     @staticmethod
@@ -178,7 +179,7 @@ def sharded_axes(placements, ndim: int) -> dict[int, list[int]]:
 def layout_for(param: Tensor) -> BlockLayout:
     """The layout of a parameter: dense, or sharded as its DTensor placements say."""
     shape = matrix_shape(param.shape)
-    if DTensor is None or not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return BlockLayout(shape)
     mesh = param.device_mesh
     groups = {
@@ -212,7 +213,7 @@ def local_row_runs(param: Tensor) -> list[range]:
     takes a chunk of each of ``split_factor`` pieces.
     """
     runs = [range(param.shape[0])]
-    if not is_distributed_tensor(param):
+    if not is_dtensor(param):
         return runs
     mesh, ndim = param.device_mesh, param.ndim
     coordinate = mesh.get_coordinate()
@@ -274,7 +275,3 @@ def split_rows(param: Tensor, layout: BlockLayout, splits: tuple[int, ...]) -> l
 def _local_count_below(runs: list[range], row: int) -> int:
     """How many local rows have a global index below ``row``."""
     return sum(min(max(row - r.start, 0), len(r)) for r in runs)
-
-
-def is_distributed_tensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)

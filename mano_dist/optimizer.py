@@ -12,10 +12,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import fused as fused_step
-from .functional import (VARIANTS, adamw_step, any_nonfinite, mano_matrix_step, momentum_directions, nonfinite_flags,
-                         skip_gate)
+from .adamw_fallback import adamw_group_step, adamw_hyper, adamw_state, adamw_tensors, momentum_state
+from .dtensors import is_dtensor, local
+from .functional import VARIANTS, any_nonfinite, mano_matrix_step, momentum_directions, nonfinite_flags, skip_gate
 from .fused_driver import make_batches, run_batches
-from .layouts import check_splits, is_distributed_tensor, layout_for, split_rows
+from .layouts import check_splits, layout_for, split_rows
 from .lockstep import all_reduce_on_device, default_all_reduce, holds_no_values, run_lockstep
 
 ALGORITHMS = ("mano", "adamw")
@@ -41,10 +42,6 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid variant: {group['variant']!r} (one of {', '.join(VARIANTS)})")
     if group["algorithm"] not in ALGORITHMS:
         raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {', '.join(ALGORITHMS)})")
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_distributed_tensor(t) else t
 
 
 class Mano(Optimizer):
@@ -186,15 +183,8 @@ class Mano(Optimizer):
         group["splits"] = splits
 
     def _init_state(self, p: Tensor, algorithm: str) -> None:
-        state = self.state[p]
-        if state:
-            return
-        if algorithm == "mano":
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        else:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # on the device: no host read
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if not self.state[p]:
+            self.state[p].update(momentum_state(p) if algorithm == "mano" else adamw_state(p))
 
     # ---------------------------------------------------------------- params swapped after construction
     # DeepSpeedMano turns this off: ZeRO-3 swaps sub-groups in and out of param_groups on purpose.
@@ -389,21 +379,12 @@ class Mano(Optimizer):
         params = self._with_grads(group)
         if not params:
             return
-        states = [self.state[p] for p in params]
-        beta1, beta2 = group["adamw_betas"]
-        tensors = (
-            [_local(p) for p in params],
-            [_local(p.grad) for p in params],
-            [_local(s["exp_avg"]) for s in states],
-            [_local(s["exp_avg_sq"]) for s in states],
-            [s["step"] for s in states],
-        )
-        hyper = dict(beta1=beta1, beta2=beta2, eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+        tensors = adamw_tensors(params, [self.state[p] for p in params])
         if fused:
             lr = fused_step.lr_tensor(lr, tensors[0][0].device)
-            fused_step.fused_adamw(self._compiler, *tensors, lr=lr, skip=skip, **hyper)
+            fused_step.fused_adamw(self._compiler, *tensors, lr=lr, skip=skip, **adamw_hyper(group))
         else:
-            adamw_step(*tensors, lr=lr, skip=skip, **hyper)
+            adamw_group_step(group, self.state, lr=lr, skip=skip)
 
     # ---------------------------------------------------------------- non-finite gradients
     def _shares_params_across_ranks(self) -> bool:
@@ -411,7 +392,7 @@ class Mano(Optimizer):
 
         Decided from the params, never from which have gradients, so a rank without gradients
         still joins the all-reduce its peers enter."""
-        return any(is_distributed_tensor(p) for group in self.param_groups for p in group["params"])
+        return any(is_dtensor(p) for group in self.param_groups for p in group["params"])
 
     def _state_device(self) -> torch.device:
         """Where the step's own small tensors (the skip flag) live: the params' device."""
@@ -421,7 +402,7 @@ class Mano(Optimizer):
         return torch.device("cpu")
 
     def _local_grads(self) -> list[tuple[int, int, Tensor]]:
-        return [(gi, pi, _local(p.grad)) for gi, group in enumerate(self.param_groups)
+        return [(gi, pi, local(p.grad)) for gi, group in enumerate(self.param_groups)
                 for pi, p in enumerate(group["params"]) if p.grad is not None]
 
     def _found_nonfinite(self) -> Tensor:

@@ -41,7 +41,7 @@ def _count_step(opt, params, steps=2, loss=None):
 
 
 def test_sum_device_is_the_params_device_not_cpu():
-    from mano_dist.baselines.tensors import sum_device, weighted_dot
+    from mano_dist.dtensors import sum_device, weighted_dot
 
     x, y = torch.randn(3, 2, device="meta"), torch.randn(3, 2, device="meta")
     assert sum_device([x, torch.randn(2)]) == torch.device("meta")  # the first tensor decides

@@ -129,7 +129,7 @@ def _train_body(rank, world_size, runs):
     out = []
     for stage, accum, steps, hyper, zero_extra in runs:
         engine = _make_engine(stage, accum, world_size, hyper=hyper, zero_extra=zero_extra)
-        # offloaded partitions take the compiled CPU passes (mano_dist/fused_cpu.py), the rest eager
+        # offloaded partitions take the compiled CPU passes (mano_dist/deepspeed/fused_cpu.py), the rest eager
         assert engine.basic_optimizer._fused == ("offload_optimizer" in (zero_extra or {}))
         _train(engine, rank, world_size, accum, steps)
         out.append(_full_params(engine, stage))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mano_dist import fused_cpu
+from mano_dist.deepspeed import fused_cpu
 from mano_dist.deepspeed.fragments import FlatFragmentLayout, in_unison
 from mano_dist.functional import momentum_directions
 from mano_dist.lockstep import run_lockstep

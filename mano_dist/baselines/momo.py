@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .tensors import global_sums, local, sum_device, weighted_dot
+from ..dtensors import global_sums, local, sum_device, weighted_dot
 
 MOMO_GROUP_KEYS = ("momo_loss_avg", "momo_gx_avg", "momo_steps")
 

@@ -17,11 +17,10 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from ..functional import adamw_step
+from ..adamw_fallback import adamw_group_step
 from .momo import MomoMixin
 from .requirements import missing_requirement
 from .state import init_param_state
-from .tensors import local
 
 if missing_requirement("muon"):
     raise ImportError(f"{missing_requirement('muon')}; Mano, AdamW and MuonMax work without it")
@@ -68,13 +67,7 @@ class MuonAdamW(torch.optim.Muon):
             self.param_groups = groups
         for group in groups:
             if group["algorithm"] == "adamw":
-                params = [p for p in group["params"] if p.grad is not None]
-                states = [self.state[p] for p in params]
-                b1, b2 = group["adamw_betas"]
-                adamw_step([local(p) for p in params], [local(p.grad) for p in params],
-                           [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
-                           [s["step"] for s in states], lr=group["lr"], beta1=b1, beta2=b2,
-                           eps=group["adamw_eps"], weight_decay=group["weight_decay"])
+                adamw_group_step(group, self.state)
             group["step"] += 1
         return loss
 

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import adamw_step
+from ..adamw_fallback import adamw_group_step
+from ..dtensors import full, local, local_part, sum_device
 from .polar import newton_schulz
 from .state import init_param_state
-from .tensors import full, local, local_part, sum_device
 
 ALGORITHMS = ("muonmax", "adamw")
 
@@ -86,7 +86,7 @@ class MuonMax(Optimizer):
             if group["algorithm"] == "muonmax":
                 self._muonmax_update(group, polar, nuclear)
             else:
-                self._adamw_update(group)
+                adamw_group_step(group, self.state)
             group["step"] += 1
         self._last_nuclear = nuclear
         return loss
@@ -118,11 +118,3 @@ class MuonMax(Optimizer):
         torch._foreach_mul_(weights, 1 - lr * group["weight_decay"])
         steps = torch._foreach_mul([polar[p].view_as(w) for p, w in zip(params, weights)], nuclear * (-lr * group["scale"]))
         torch._foreach_add_(weights, steps)
-
-    def _adamw_update(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [self.state[p] for p in params]
-        adamw_step([local(p) for p in params], [local(p.grad) for p in params],
-                   [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
-                   [s["step"] for s in states], lr=group["lr"], beta1=group["adamw_betas"][0],
-                   beta2=group["adamw_betas"][1], eps=group["adamw_eps"], weight_decay=group["weight_decay"])

@@ -3,8 +3,9 @@ so DCP saves and loads them without a first step (see the Mano optimizer for the
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from ..adamw_fallback import adamw_state, momentum_state
 
 
 def init_param_state(state: dict, p: Tensor, index: int, *, matrix: bool, requirement: str, ok: bool) -> None:
@@ -15,8 +16,5 @@ def init_param_state(state: dict, p: Tensor, index: int, *, matrix: bool, requir
         if not ok:
             raise ValueError(f"{requirement}; param {index} has shape {tuple(p.shape)}: "
                              'put it in an "adamw" group (mano_param_groups(model) does this)')
-        state.setdefault("momentum_buffer", torch.zeros_like(p))
-    else:
-        state.setdefault("step", torch.tensor(0.0))
-        state.setdefault("exp_avg", torch.zeros_like(p))
-        state.setdefault("exp_avg_sq", torch.zeros_like(p))
+    for key, value in (momentum_state(p) if matrix else adamw_state(p)).items():
+        state.setdefault(key, value)

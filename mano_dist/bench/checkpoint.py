@@ -13,7 +13,6 @@ import statistics
 import tempfile
 import time
 
-import torch
 from torch import nn
 
 HIDDEN, FFN = 2048, 5461

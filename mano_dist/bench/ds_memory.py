@@ -35,12 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .memory import _peak_bytes, _reset_peak  # the same /proc counters as the dense bench
+from .proc_memory import peak_bytes, reset_peak, resident_bytes  # the same counters as the dense bench
 
 PEERS = {"adamw": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
          "cpuadam": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}}
 MANO = {"type": "Mano", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1, "nonfinite": "ignore"}}
-# Under offload also Mano's eager passes (fused_cpu off), the step before mano_dist/fused_cpu.py.
+# Under offload also Mano's eager passes (fused_cpu off), the step before mano_dist/deepspeed/fused_cpu.py.
 MANO_EAGER = {"type": "Mano", "params": {**MANO["params"], "fused_cpu": False}}
 # (stage, offload, peer)
 CASES = [(1, False, "adamw"), (2, False, "adamw"), (3, False, "adamw"), (2, True, "cpuadam"), (3, True, "cpuadam")]
@@ -102,11 +102,6 @@ def persistent_bytes_per_element(optimizer, partitions: list) -> float:
     return held / max(1, sum(p.numel() for p in partitions))
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class StepProbe:
     """Wraps ``optimizer.step``: per engine step, the summed wall time of its calls and the
     largest resident-set rise during one of them."""
@@ -118,12 +113,12 @@ class StepProbe:
         def step(*args, **kwargs):
             if dist.is_initialized():  # time this rank's step, not the other ranks' lateness
                 dist.barrier()
-            before = _resident_bytes()
-            _reset_peak()
+            before = resident_bytes()
+            reset_peak()
             start = time.perf_counter()
             out = inner(*args, **kwargs)
             self.seconds += time.perf_counter() - start
-            self.peak = max(self.peak, _peak_bytes() - before)
+            self.peak = max(self.peak, peak_bytes() - before)
             return out
 
         optimizer.step = step

@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from .proc_memory import peak_bytes, reset_peak, resident_bytes
 from .step import LLAMA_SHAPES, llama_matrix_shapes, make_params, state_bytes
 
 OPTIMIZERS = ("adamw", "mano-v2", "mano-both", "muon")
@@ -37,24 +38,6 @@ def _build(name: str, params):
     if name == "muon":
         return torch.optim.Muon(params, lr=1e-3, weight_decay=0.1)
     raise ValueError(name)
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _child(name: str, model: str, layers: int) -> dict:
@@ -75,10 +58,10 @@ def _child(name: str, model: str, layers: int) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        before = _resident_bytes()
-        _reset_peak()
+        before = resident_bytes()
+        reset_peak()
         opt.step()
-        peak = _peak_bytes() - before
+        peak = peak_bytes() - before
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     return {"state": state_bytes(opt), "step_peak": max(peak, 0), "params": param_bytes}
 

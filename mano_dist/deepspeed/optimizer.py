@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .. import fused_cpu
+from . import fused_cpu
 from ..layouts import ReduceGroup, matrix_shape
 from ..optimizer import Mano
 from .fragments import split_fragment

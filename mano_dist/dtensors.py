@@ -1,4 +1,5 @@
-"""Where a baseline needs whole matrices or global sums, the DTensor plumbing in one place.
+"""The DTensor plumbing in one place, for Mano (local shards) and the baselines (whole matrices,
+global sums).
 
 - ``full(t)`` / ``local(t)``: the whole matrix (a gather, for DTensors) / this rank's shard.
 - ``local_part(full, like)``: this rank's piece of a full tensor laid out like ``like``, cut

@@ -22,7 +22,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .functional import STATS_DTYPE, MatrixStep, SliceSums, projected_coefficients, update_scale
+from ..functional import STATS_DTYPE, MatrixStep, SliceSums, projected_coefficients, update_scale
+from .fragments import in_unison
 
 
 def momentum_direction_(g: Tensor, m: Tensor, momentum: float, nesterov: bool, keep: Tensor) -> None:
@@ -137,8 +138,6 @@ def block_step(weight: Tensor, direction: Tensor, block, *, axis: int, variant: 
 def fragment_step(layout, weight: Tensor, direction: Tensor, **hyper) -> MatrixStep:
     """:func:`block_step` over the blocks of a ``FlatFragmentLayout`` (1-D fragment views), in
     unison like its eager ``matrix_step``."""
-    from .deepspeed.fragments import in_unison
-
     steps = [block_step(b.view(weight), b.view(direction), b, **hyper) for b in layout.blocks]
     return steps[0] if len(steps) == 1 else in_unison(steps)
 
