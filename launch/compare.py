@@ -17,7 +17,6 @@ interrupted study continues where it stopped. Writes into ``--out``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .metrics import METRICS_FILE, read_metrics
 
 # study name -> trainer overrides
 OPTIMIZERS: dict[str, list[str]] = {
@@ -44,10 +45,9 @@ def run_dir(out: Path, opt: str, lr: float, seed: int) -> Path:
 
 def final_record(folder: Path, steps: int) -> dict | None:
     """The last metrics record if the run reached ``steps``, else None."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
+    if not (folder / METRICS_FILE).is_file():
         return None
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = read_metrics(folder)
     last = recs[-1] if recs else None
     return last if last and last["step"] == steps and "val_loss" in last else None
 
@@ -78,10 +78,9 @@ def train_run(config: str, folder: Path, sets: list[str], steps: int) -> tuple[s
 def _curves(out: Path, opt: str, lr: float, seeds: list[int]) -> list[list[dict]]:
     curves = []
     for seed in seeds:
-        path = run_dir(out, opt, lr, seed) / "metrics.jsonl"
-        if path.is_file():
-            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            curves.append([r for r in recs if "val_loss" in r])
+        folder = run_dir(out, opt, lr, seed)
+        if (folder / METRICS_FILE).is_file():
+            curves.append([r for r in read_metrics(folder) if "val_loss" in r])
     return curves
 
 

@@ -159,12 +159,29 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path | str) -> list[dict]:
+    """The records of a run (its folder or its ``metrics.jsonl``), one per step, in step order.
+
+    The reader of what :class:`MetricsWriter` writes, and the one rule every consumer follows: a
+    resumed run appends, so steps after its checkpoint are logged twice and the later record
+    (the run that went on) wins; blank lines are ignored."""
+    path = Path(path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    with open(path) as f:
+        by_step = {r["step"]: r for r in (json.loads(line) for line in f if line.strip())}
+    return [by_step[step] for step in sorted(by_step)]
+
+
 class MetricsWriter:
-    """One JSON line per step (a resumed run appends: re-logged steps win) and, optionally, the
-    same numbers as TensorBoard scalars under ``<out_dir>/tensorboard``."""
+    """One JSON line per step (a resumed run appends: re-logged steps win, see
+    :func:`read_metrics`) and, optionally, the same numbers as TensorBoard scalars under
+    ``<out_dir>/tensorboard``."""
 
     def __init__(self, out: Path, append: bool, tensorboard: bool):
-        self.jsonl = open(out / "metrics.jsonl", "a" if append else "w")
+        self.jsonl = open(out / METRICS_FILE, "a" if append else "w")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def _records(path: Path) -> list[dict]:
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    with open(path) as f:
-        by_step = {r["step"]: r for r in (json.loads(line) for line in f if line.strip())}
-    return [by_step[s] for s in sorted(by_step)]  # a resumed run re-logs steps: the last wins
+from .metrics import read_metrics
 
 
 def plot_runs(paths: list[Path], out: Path, labels: list[str] | None = None) -> Path:
@@ -23,7 +17,7 @@ def plot_runs(paths: list[Path], out: Path, labels: list[str] | None = None) -> 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for i, path in enumerate(paths):
         path = Path(path)
-        recs = _records(path)
+        recs = read_metrics(path)
         label = labels[i] if labels else (path.parent.name if path.name == "metrics.jsonl" else path.name)
         ax_train.plot([r["tokens"] / 1e6 for r in recs], [r["loss"] for r in recs], label=label, lw=1)
         val = [r for r in recs if "val_loss" in r]

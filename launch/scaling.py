@@ -24,7 +24,6 @@ JSONL come from ``launch.scaling_report``; ``--from-jsonl`` redraws them without
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import threading
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import OPTIMIZERS, final_record, train_run
+from .metrics import METRICS_FILE, read_metrics
 
 # The short study's optimizers, plus Mano v2 with its AdamW fallback (embeddings, head, norms:
 # most of this small model's weights) at AdamW's best lr instead of Mano's: separates the two lrs.
@@ -225,10 +225,10 @@ def recent_secs_per_step(out: Path, window_s: float = 900, last: int = 300, marg
     minutes' load would have made too long). None before any run has logged a step."""
     secs = []
     now = time.time()
-    for path in out.glob("steps*/*/lr*/seed*/metrics.jsonl"):
+    for path in out.glob(f"steps*/*/lr*/seed*/{METRICS_FILE}"):
         if now - path.stat().st_mtime > window_s:
             continue
-        recs = [json.loads(line) for line in path.read_text().splitlines()[-last:] if line.strip()]
+        recs = read_metrics(path)[-last:]
         secs += [r["tokens"] / r["step"] / r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
     return margin * statistics.median(secs) if secs else None
 
@@ -248,7 +248,7 @@ def train_all(config: str, out: Path, runs: list[Run], jobs: int, deadline: floa
         if final_record(folder, r.steps):
             print(f"{folder}: finished from fingerprint {run_fingerprint(folder)}, not "
                   f"{fingerprints[r.seed]}: training it again", flush=True)
-            (folder / "metrics.jsonl").unlink()
+            (folder / METRICS_FILE).unlink()
     lock = threading.Lock()
     failed: list[Run] = []
 

@@ -15,14 +15,14 @@ import math
 import statistics
 from pathlib import Path
 
+from .metrics import read_metrics
+
 PLOTS = ("scaling_val_loss.png", "scaling_gap.png", "scaling_lr.png", "scaling_curves.png")
 JSONL = "scaling_runs.jsonl"
 
 
 def run_record(folder: Path, opt: str, lr: float, seed: int, steps: int) -> dict:
-    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    by_step = {r["step"]: r for r in recs}  # a re-logged step: the last wins
-    evals = [by_step[s] for s in sorted(by_step) if "val_loss" in by_step[s]]
+    evals = [r for r in read_metrics(folder) if "val_loss" in r]
     elapsed, fingerprint = folder / "elapsed_s", folder / "fingerprint"
     return {"opt": opt, "lr": lr, "seed": seed, "steps": steps, "tokens": evals[-1]["tokens"],
             "val_loss": _finite_or_none(evals[-1]["val_loss"]),

@@ -11,13 +11,14 @@ inside ``optimizer.step()`` and its share, each relative to AdamW measured in th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from .metrics import read_metrics
 
 WARMUP = 5
 
@@ -33,7 +34,7 @@ def measure(name: str, config: str, steps: int, nproc: int, out: Path, extra: li
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise RuntimeError(f"{name}: trainer failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][WARMUP:]
+    recs = read_metrics(out)[WARMUP:]
     tok_s = statistics.median(r["tokens_per_s"] for r in recs)
     opt_s = statistics.median(r["opt_step_s"] for r in recs)
     step_tokens = recs[0]["tokens"] / recs[0]["step"]

@@ -219,9 +219,10 @@ def run_trainer(config: Path, overrides: list[str], run_dir: Path, log: Path, ti
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"trainer failed ({proc.returncode}), see {log}:\n{log.read_text()[-3000:]}")
-    metrics = (run_dir / "metrics.jsonl").read_text()
-    (log.parent / "train_metrics.jsonl").write_text(metrics)
-    return [json.loads(line) for line in metrics.splitlines()]
+    from launch.metrics import METRICS_FILE, read_metrics
+
+    (log.parent / "train_metrics.jsonl").write_text((run_dir / METRICS_FILE).read_text())
+    return read_metrics(run_dir)
 
 
 def real_peaks(records: list[dict]) -> dict:
