@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 
 # The main job: 2-process FSDP2 training of the tiny LLaMA preset on the bundled text with Mano.
 demo: $(VENV)/.installed
-	$(VENV)/bin/torchrun --nproc-per-node 2 --standalone -m launch.train --config configs/llama_tiny.toml --resume none
+	$(VENV)/bin/torchrun --nproc-per-node 2 --standalone -m launch.train --config configs/llama_tiny.toml --resume none --overwrite
 
 # One process, one minute: the optimizer alone on a byte-level MLP.
 demo-mini: $(VENV)/.installed

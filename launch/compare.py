@@ -62,7 +62,8 @@ def train_run(config: str, folder: Path, sets: list[str], steps: int) -> tuple[s
     if final_record(folder, steps):
         return str(folder), 0.0, 0
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "launch.train", "--config", config, "--out-dir", str(folder), "--resume", "none"]
+    cmd = [sys.executable, "-m", "launch.train", "--config", config, "--out-dir", str(folder), "--resume", "none",
+           "--overwrite"]  # an interrupted run starts over
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()

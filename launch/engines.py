@@ -7,7 +7,8 @@ engine from a JSON config. Both expose the same few calls, so the training loop 
   read on the host here: ``grad_norm`` is a device tensor (or whatever DeepSpeed holds), and the
   optimizer's time is a ``launch.metrics.Stopwatch`` (CUDA events on CUDA); the trainer reads
   both when it logs
-- ``lr``, ``save(step, sequences_seen)``, ``load(resume) -> (step, sequences_seen, path) | None``
+- ``lr``, ``save(step, sequences_seen) -> path`` (the checkpoint folder, complete on return unless
+  ``saves_async``, then once ``wait()`` returns), ``load(resume) -> (step, sequences_seen, path) | None``
 - ``eval_mode()`` / ``train_mode()``, ``module`` and ``wait()`` (async saves in flight).
 """
 
@@ -53,6 +54,7 @@ class FSDPEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.train.keep_last,
                                  async_save=cfg.train.async_checkpoint)
+        self.saves_async = cfg.train.async_checkpoint
 
     def forward(self, tokens):
         return self.module(tokens)
@@ -80,9 +82,9 @@ class FSDPEngine:
         self.scheduler.step()
         return grad_norm, stopwatch
 
-    def save(self, step: int, seen: int) -> None:
-        self.ckpt.save(step, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
-                       extra={"data": {"sequences_seen": seen}})
+    def save(self, step: int, seen: int) -> Path:
+        return Path(self.ckpt.save(step, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
+                                   extra={"data": {"sequences_seen": seen}}))
 
     def load(self, resume: str):
         info = self.ckpt.load(model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -198,6 +200,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         self.folder = out / "ds_checkpoints"
+        self.saves_async = False
         self.engine, self.optimizer, _, self.scheduler = mds.initialize(
             model=model, model_parameters=model.parameters(), config=config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg)))
@@ -225,10 +228,12 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return norm.detach() if torch.is_tensor(norm) else norm, stopwatch
 
-    def save(self, step: int, seen: int) -> None:
+    def save(self, step: int, seen: int) -> Path:
         from mano_dist.deepspeed.checkpoint import save_run
 
-        save_run(self.engine, str(self.folder), f"step-{step}", {"step": step, "sequences_seen": seen})
+        save_run(self.engine, str(self.folder), f"step-{step}", {"step": step, "sequences_seen": seen},
+                 keep_last=self.cfg.train.keep_last)
+        return self.folder / f"step-{step}"
 
     def load(self, resume: str):
         """Any data-parallel world size: the converter restores weights, optimizer, schedule, RNG."""

@@ -43,14 +43,11 @@ from mano_dist.param_groups import classify_parameters
 
 from .config import ConfigError, load_config
 from .model import Llama
+from .parallel import TP_PLAN_COLWISE, TP_PLAN_ROWWISE
 
 GiB = 2**30
 MiB = 2**20
 PLAN_HEADROOM = 0.10  # the suggested micro-batch leaves this fraction of the GPU free
-# Which of the LLaMA block's matrices tensor parallelism splits by output rows (colwise) or by
-# input columns (rowwise); the trainer's TP plan.
-COLWISE = ("wq", "wk", "wv", "w1", "w3")
-ROWWISE = ("wo", "w2")
 
 
 @dataclass(frozen=True)
@@ -154,11 +151,11 @@ def predict_peak(cfg, dp: int, tp: int, micro: int) -> float:
 
 def _sharding(name: str, strategy: str, dp: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Group sizes that shard (rows, columns) of one matrix."""
-    role = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name
+    module = name.removesuffix(".weight")  # the trainer's TP plan names modules inside a block
     rows, cols = [], []
-    if tp > 1 and role in COLWISE:
+    if tp > 1 and module.endswith(TP_PLAN_COLWISE):
         rows.append(tp)
-    if tp > 1 and role in ROWWISE:
+    if tp > 1 and module.endswith(TP_PLAN_ROWWISE):
         cols.append(tp)
     if dp > 1:
         rows.append(dp)  # FSDP2 Shard(0); a ZeRO flat partition also cuts rows (and columns, below)
@@ -224,19 +221,22 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve", type=float, default=None, metavar="GIB",
                     help="added to the dry run's traced peak for the CUDA context, NCCL and fragmentation (default 3)")
     args = ap.parse_args(argv)
+    world = args.nodes * args.gpus_per_node
+
+    def check_world(tp: int) -> None:
+        if world < 1 or tp < 1 or world % tp:
+            ap.error(f"{world} GPUs cannot be split into tensor-parallel groups of {tp}")
+
+    if args.tp is not None:
+        check_world(args.tp)
+    tp_override = [] if args.tp is None else [f"parallel.tp={args.tp}"]  # so the config's own checks see it
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + tp_override)
     except ConfigError as e:
         ap.error(str(e))
-    world = args.nodes * args.gpus_per_node
-    tp = args.tp if args.tp is not None else cfg.parallel.tp
-    if world < 1 or tp < 1 or world % tp:
-        ap.error(f"{world} GPUs cannot be split into tensor-parallel groups of {tp}")
-    if tp > 1 and (cfg.model.n_heads % tp or cfg.model.ffn_dim % tp):
-        ap.error(f"--tp {tp} must divide model.n_heads ({cfg.model.n_heads}) and model.ffn_dim ({cfg.model.ffn_dim})")
+    tp = cfg.parallel.tp
+    check_world(tp)
     dp = world // tp
-    if tp != cfg.parallel.tp:
-        cfg.parallel.tp = tp
     with torch.device("meta"):
         model = Llama(cfg.model)
     c = count_parameters_by_role(model)

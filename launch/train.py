@@ -7,7 +7,11 @@ Device-agnostic: CUDA + NCCL when GPUs are visible, else CPU + gloo. Every ``log
 one line (step, loss, lr, tokens/s, MFU and memory on CUDA, optimizer step time, ETA); validation
 perplexity every ``eval_every`` steps; every step's metrics go to ``<out_dir>/metrics.jsonl``;
 checkpoints to ``<out_dir>/checkpoints`` every ``checkpoint_every`` steps (resume with
-``--resume auto``); a loss plot at the end. Device values (loss, gradient norm, the optimizer's
+``--resume auto``); a loss plot at the end. SIGTERM or SIGUSR1 (a scheduler's preemption) stops
+the run at the next step boundary with a complete checkpoint and exit code 75
+(``launch/preemption.py``). ``out_dir`` belongs to one run at a time: it is locked, stamped with
+the run's identity, and ``--resume none`` refuses one that holds checkpoints unless
+``--overwrite`` (``launch/run_identity.py``). Device values (loss, gradient norm, the optimizer's
 CUDA-event time) are read on the host only on the steps that log, evaluate or save, all steps
 since the last read at once: a step in between never waits for the GPU.
 """
@@ -15,7 +19,6 @@ since the last read at once: a step in between never waits for the GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,9 +33,11 @@ from .config import ConfigError, accumulation_steps, load_config
 from .data import DataError, open_dataset
 from .engines import DeepSpeedEngine, FSDPEngine, deepspeed_config, describe_optimizer
 from .metrics import (MetricsWriter, compute_dtype, cuda_memory_gib, eta_seconds, flops_per_token, format_duration,
-                      peak_flops, peak_rss_gib)
+                      peak_flops, peak_rss_gib, read_metrics)
 from .model import build_model, count_parameters
 from .parallel import all_reduce_sum, build_mesh, data_parallel_rank, setup_distributed
+from .preemption import PREEMPTED_EXIT_CODE, Preemption, clear_marker, signal_name, write_marker
+from .run_identity import RunFolder, RunFolderError, claim
 
 
 def parse_args(argv=None):
@@ -42,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a step-N path")
     ap.add_argument("--out-dir", default=None, help="overrides train.out_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="with --resume none: delete the checkpoints out_dir holds (refused without it)")
     ap.add_argument("--engine", choices=("fsdp2", "deepspeed"), default=None, help="= --set parallel.engine=...")
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON (= --set parallel.ds_config=...)")
     ap.add_argument("--data", default=None, metavar="FILES",
@@ -125,13 +132,17 @@ class Geometry:
 
 class Trainer:
     """The training loop, top to bottom: ``fit`` runs ``train_step`` (micro-batches, one optimizer
-    step), ``evaluate``, ``log`` and ``save`` per step. ``callbacks`` are called as
+    step), ``evaluate``, ``log`` and ``save`` per step, then asks every rank whether a signal
+    came (``preemption.agreed()``) and stops there if one did. ``callbacks`` are called as
     ``callback(trainer, step)`` after each step is logged and saved: the tests inject faults
-    this way (``tests/train_with_faults.py``); a real run passes none."""
+    this way (``tests/train_with_faults.py``); a real run passes none. ``run`` is the claimed
+    output folder (its identity goes into every checkpoint)."""
 
-    def __init__(self, cfg, args, rank: int, world: int, device, geometry: Geometry, data, callbacks=()):
+    def __init__(self, cfg, args, rank: int, world: int, device, geometry: Geometry, data, callbacks=(), *,
+                 run: RunFolder, preemption: Preemption):
         self.cfg, self.rank, self.world, self.device, self.geo = cfg, rank, world, device, geometry
         self.callbacks = list(callbacks)
+        self.run, self.preemption = run, preemption
         t, m = cfg.train, cfg.model
         self.out = Path(t.out_dir)
         self.log = print if rank == 0 else (lambda *a, **k: None)
@@ -153,6 +164,8 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast)
 
         self.start, self.seen = 0, 0
+        for note in run.notes:
+            self.log(f"note: {note}")
         if args.resume != "none":
             info = self.engine.load(args.resume)
             if info is not None:
@@ -175,6 +188,11 @@ class Trainer:
         self.pending: list[tuple[torch.Tensor, object, object]] = []
         self.unread: list[dict] = []
         self.metrics, self.timing = None, []
+        # Checkpoints saved but not yet stamped with the run's identity (an async one in flight),
+        # and the newest saved (step, folder).
+        self.in_flight: list[tuple[int, Path]] = []
+        self.saved: tuple[int, Path] | None = None
+        self.stopped: tuple[int, int] | None = None  # (step, signal) when a signal stopped the run
 
     def train_step(self) -> tuple[torch.Tensor, object, object]:
         """One optimizer step over this rank's share of the global batch, in micro-batches.
@@ -224,7 +242,8 @@ class Trainer:
         self.pending.clear()
         return read
 
-    def fit(self) -> None:
+    def fit(self) -> bool:
+        """Train to ``train.steps`` (True), or until a signal stops the run (False)."""
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         # A fresh run starts a new metrics file; a resumed one appends (re-logged steps win).
@@ -233,9 +252,14 @@ class Trainer:
         self.engine.train_mode()
         for step in range(self.start, t.steps):
             self.fit_step(step)
-        self.engine.wait()
+            signum = self.preemption.agreed() if step + 1 < t.steps else 0  # the last step just ends the run
+            if signum:
+                self.stop_preempted(step + 1, signum)
+                return False
+        self.wait_saves()
         if self.metrics:
             self.metrics.close()
+        return True
 
     def fit_step(self, step: int) -> None:
         """Train one step; on the steps that log (``log_every``, the first, evaluation steps,
@@ -251,27 +275,68 @@ class Trainer:
         values = self.read_pending() if logs or saves else None  # waiting for the device is this step's time
         self.timing.append(time.perf_counter() - t0)
         self.unread.append(self.record(step, lr, self.timing[-1], self.timing))
+        val_loss = None
         if evaluates:
             self.engine.eval_mode()
             val_loss = evaluate(self.engine.forward, self.val_windows, self.dp_rank, self.dp_size, self.device)
             self.engine.train_mode()
         if values is not None:  # on checkpoint steps too: a crash loses no record
-            records, self.unread = self.unread, []
-            for record, value in zip(records, values):
-                record.update(value)
-            if evaluates:
-                records[-1].update(val_loss=val_loss, val_ppl=math.exp(val_loss))
-            if logs and self.device.type == "cuda":
-                records[-1].update(cuda_memory_gib(self.device))
-            if logs:
-                self.log(format_line(records[-1], t.steps), flush=True)
-            if self.metrics:
-                for record in records:
-                    self.metrics.write(record)
+            self.write_records(values, val_loss, logs)
         if saves:
-            self.engine.save(step + 1, self.seen)
+            self.save(step + 1)
         for callback in self.callbacks:
             callback(self, step + 1)
+
+    def write_records(self, values: list[dict], val_loss: float | None = None, logs: bool = False) -> None:
+        """The unread steps' records completed with their read ``values``, written to the metrics
+        (the last one logged when ``logs``)."""
+        records, self.unread = self.unread, []
+        for record, value in zip(records, values):
+            record.update(value)
+        if val_loss is not None:
+            records[-1].update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+        if logs and self.device.type == "cuda":
+            records[-1].update(cuda_memory_gib(self.device))
+        if logs:
+            self.log(format_line(records[-1], self.cfg.train.steps), flush=True)
+        if self.metrics:
+            for record in records:
+                self.metrics.write(record)
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` and stamp each completed checkpoint with the run's identity
+        (``run.json`` in its folder): a sync save at once, an async one once the next save (which
+        first completes the one in flight) or ``wait_saves`` has completed it."""
+        path = self.engine.save(step, self.seen)
+        done, self.in_flight = self.in_flight, [(step, path)]
+        if not self.engine.saves_async:
+            done, self.in_flight = done + self.in_flight, []
+        for saved_step, folder in done:
+            self.run.stamp(folder, saved_step, self.rank)
+        self.saved = (step, path)
+
+    def wait_saves(self) -> None:
+        """Complete the async save in flight, if any, and stamp it."""
+        self.engine.wait()
+        for saved_step, folder in self.in_flight:
+            self.run.stamp(folder, saved_step, self.rank)
+        self.in_flight = []
+
+    def stop_preempted(self, step: int, signum: int) -> None:
+        """Every rank is here after the same ``step`` (the agreement): write the steps not yet
+        read, checkpoint this step unless it was just saved (an async save in flight completes
+        first), complete every save, and say where the run can continue from."""
+        if self.unread:
+            self.write_records(self.read_pending())
+        if self.saved is None or self.saved[0] != step:
+            self.save(step)
+        self.wait_saves()
+        if self.metrics:
+            self.metrics.close()
+        self.stopped = (step, signum)
+        self.log(f"preempted by {signal_name(signum)} after step {step}/{self.cfg.train.steps}: checkpoint "
+                 f"{self.saved[1]} is complete; exiting with code {PREEMPTED_EXIT_CODE} (--resume auto continues "
+                 f"run {self.run.run_id} from step {step})", flush=True)
 
     def finish(self) -> None:
         peaks = [peak_memory(self.device)]
@@ -287,7 +352,7 @@ class Trainer:
             from .plot import plot_runs
 
             png = plot_runs([self.out / "metrics.jsonl"], self.out / "loss.png")
-            final = [json.loads(line) for line in open(self.out / "metrics.jsonl")][-1]
+            final = read_metrics(self.out)[-1]
             if "val_ppl" in final:
                 print(f"final validation perplexity {final['val_ppl']:.2f} (loss {final['val_loss']:.4f})")
             print(f"loss plot: {png}")
@@ -323,7 +388,20 @@ def main(argv=None, callbacks=()) -> int:
         return 0
     if args.out_dir:
         cfg.train.out_dir = args.out_dir
-    rank, world, device = setup_distributed()
+    if args.overwrite and args.resume != "none":
+        print("error: --overwrite deletes a folder's checkpoints for a fresh start: it goes with --resume none",
+              file=sys.stderr)
+        return 2
+    clear_marker()  # before the process group: no peer can have been preempted yet
+    with Preemption() as preemption:  # from here on a signal waits for the next step boundary
+        return train_distributed(args, cfg, callbacks, preemption)
+
+
+def train_distributed(args, cfg, callbacks, preemption: Preemption) -> int:
+    """The distributed part of ``main``: 0 when the run is complete, PREEMPTED_EXIT_CODE when a
+    signal stopped it after a checkpoint, 2 for an input or folder refused on every rank."""
+    rank, world, device = setup_distributed(timeout_s=cfg.parallel.timeout_s)
+    preemption.connect(device)
     try:
         geometry = Geometry(cfg, world)
     except ConfigError as e:  # every rank sees the same numbers: all exit before any collective
@@ -338,11 +416,22 @@ def main(argv=None, callbacks=()) -> int:
             print(f"error: {e}", file=sys.stderr)
         return _leave(2)
 
-    trainer = Trainer(cfg, args, rank, world, device, geometry, data, callbacks)
-    trainer.fit()
-    trainer.finish()
-    if dist.is_initialized():
-        dist.barrier()  # leave together: a rank tearing down gloo while a peer still works aborts
+    try:  # after the data: a refused source leaves no folder behind
+        folder = claim(cfg, args.resume, args.overwrite, rank)
+    except RunFolderError as e:  # decided by rank 0, raised on every rank alike
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return _leave(2)
+    with folder:
+        trainer = Trainer(cfg, args, rank, world, device, geometry, data, callbacks, run=folder, preemption=preemption)
+        finished = trainer.fit()
+        if finished:
+            trainer.finish()
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a rank tearing down gloo while a peer still works aborts
+    if not finished:
+        write_marker(*trainer.stopped)
+        return _leave(PREEMPTED_EXIT_CODE)
     return _leave(0)
 
 

@@ -57,7 +57,7 @@ def measure(config: str, opt: str, lr: float, out: Path, sets: list[str]) -> Upd
 
     overrides = OPTIMIZERS[opt] + [f"optim.lr={lr}"] + sets
     meter = UpdateMeter(load_config(config, overrides).optim.weight_decay)
-    argv = ["--config", config, "--out-dir", str(out / f"{opt}_lr{lr:g}"), "--resume", "none"]
+    argv = ["--config", config, "--out-dir", str(out / f"{opt}_lr{lr:g}"), "--resume", "none", "--overwrite"]
     for s in overrides:
         argv += ["--set", s]
     if train.main(argv, callbacks=[meter]) != 0:

@@ -210,7 +210,7 @@ def run_trainer(config: Path, overrides: list[str], run_dir: Path, log: Path, ti
     """One torchrun process, as a user starts it (the trainer takes NCCL whenever CUDA is
     visible, launch/parallel.py); its output goes to ``log``, its metrics records are returned."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "launch.train", "--config", str(config), "--out-dir", str(run_dir), "--resume", "none"]
+           "-m", "launch.train", "--config", str(config), "--out-dir", str(run_dir), "--resume", "none", "--overwrite"]
     for s in overrides:
         cmd += ["--set", s]
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,9 @@
-"""Mano where users already train: the Hugging Face Transformers ``Trainer`` and Accelerate.
+"""Mano where users already train: the Hugging Face Transformers ``Trainer`` and Accelerate
+(here), torchtitan (``torchtitan``, ``torchtitan_configs``), PyTorch Lightning (``lightning``)
+and OLMo-core (``olmo_core``).
 
-Import-light on purpose: nothing here imports transformers, accelerate or deepspeed until used.
+Import-light on purpose: nothing here imports transformers, accelerate, deepspeed or any of the
+frameworks until used; each framework's module imports it when imported.
 
 - :class:`ManoFactory`: ``Trainer(..., optimizer_cls_and_kwargs=(ManoFactory, {"lr": 1e-3}))``
   or ``ManoFactory.from_args(training_args)`` (see ``hf_trainer.py``).
