@@ -40,7 +40,7 @@ bench-memory: $(VENV)/.installed
 
 bench-e2e: $(VENV)/.installed
 	@mkdir -p runs/bench
-	$(PY) -m launch.throughput | tee runs/bench/e2e.txt
+	$(PY) -m launch.measure.throughput | tee runs/bench/e2e.txt
 
 bench-comm: $(VENV)/.installed
 	@mkdir -p runs/bench
@@ -62,14 +62,14 @@ bench-gpu: $(VENV)/.installed
 
 # The convergence study (about 30 minutes on 2 idle CPU cores): plots and table in runs/compare/.
 compare: $(VENV)/.installed
-	$(PY) -m launch.compare --out runs/compare
+	$(PY) -m launch.studies.compare --out runs/compare
 
 # The token-scaling study (AdamW, Muon, Mano v2 and "both" at 0.3M, 1M, 3M tokens; about 2 h on 2
 # cores): the runs recorded in docs/scaling_runs.jsonl count as done (when this checkout reproduces their
 # starting point, see docs/benchmarks.md), finished runs are cached in runs/scaling/, plots and JSONL land in docs/.
 .PHONY: scaling
 scaling: $(VENV)/.installed
-	$(PY) -m launch.scaling --out runs/scaling --docs docs --records docs/scaling_runs.jsonl
+	$(PY) -m launch.studies.scaling --out runs/scaling --docs docs --records docs/scaling_runs.jsonl
 
 plan: $(VENV)/.installed
 	$(PY) -m launch.plan --config configs/llama_1b.toml --nodes 4 --gpus-per-node 8

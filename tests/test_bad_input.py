@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from launch.config import DataConfig, TrainConfig, load_config
-from launch.data import DataError, open_dataset
-from launch.data import prepare as prepare_in_job
-from launch.sources import InputWarning, SourceError, check_inputs
+from launch.data.loader import DataError, open_dataset
+from launch.data.loader import cache_tokens as prepare_in_job
+from launch.data.sources import InputWarning, SourceError, check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 4096
@@ -80,14 +80,14 @@ BAD = [
 
 @pytest.mark.parametrize("override,message", BAD, ids=[o for o, _ in BAD])
 def test_every_bad_hyperparameter_fails_check_with_its_name_value_and_range(override, message, capsys):
-    from launch.train import main
+    from launch.trainer.loop import main
 
     assert main(["--config", "configs/llama_tiny.toml", "--check", "--set", override]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_edge_values_that_are_allowed_pass_check(capsys):
-    from launch.train import main
+    from launch.trainer.loop import main
 
     ok = ["optim.grad_clip=0", "optim.warmup_steps=0", "optim.min_lr_ratio=0", "optim.min_lr_ratio=1",
           "optim.momentum=0", "optim.betas=[0.0, 0.999]", "optim.weight_decay=0", "optim.adamw_lr=1e-3",
@@ -110,7 +110,7 @@ def test_the_module_command_exits_2_with_the_message():
 
 
 def test_clip_grad_norm_zero_leaves_grads_and_returns_the_true_norm():
-    from launch.parallel import clip_grad_norm
+    from launch.trainer.parallel import clip_grad_norm
 
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(7))]
@@ -137,7 +137,7 @@ def test_clip_grad_norm_zero_leaves_grads_and_returns_the_true_norm():
 
 
 def test_parallel_timeout_reaches_init_process_group(monkeypatch):
-    import launch.parallel as par
+    import launch.trainer.parallel as par
 
     calls = []
     monkeypatch.setattr(par.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
@@ -306,7 +306,7 @@ def test_an_older_folder_without_max_token_id_is_sampled(tmp_path, split, shard,
 def test_a_large_older_folder_samples_evenly_spaced_blocks(tmp_path, monkeypatch):
     """Above SAMPLE_BLOCKS x SAMPLE_BLOCK tokens, blocks at evenly spaced offsets, the first and
     the last included: a bad id in the last block is found; one between blocks is not read."""
-    import launch.data as data
+    import launch.data.loader as data
 
     monkeypatch.setattr(data, "SAMPLE_BLOCKS", 4)
     monkeypatch.setattr(data, "SAMPLE_BLOCK", 100)  # blocks at 0, 1766, 3533, 5300 of 5400 train tokens
@@ -330,7 +330,7 @@ def test_prepare_records_the_largest_token_id_and_a_sparse_tokenizer_is_refused(
     vocabulary check of the tokenizer, but the recorded max_token_id (9000) stops the run."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from launch.prepare import prepare
+    from launch.data.prepare import prepare
 
     tok = Tokenizer(models.WordLevel({"</s>": 0, "<unk>": 1, "big": 9000}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -418,7 +418,7 @@ def test_empty_files_are_warned_with_a_count_and_all_empty_is_refused(tmp_path):
 
 
 def test_launch_prepare_warns_and_refuses_the_same(tmp_path, capsys):
-    from launch.prepare import main
+    from launch.data.prepare import main
 
     tok = word_tokenizer(tmp_path / "t.json")
     (tmp_path / "a.txt").write_text("hello world " * 200)
@@ -453,7 +453,7 @@ def test_check_inputs_counts():
 
 def _two_rank_cases(rank, world_size, root):
     """Each case on both ranks: (message of the DataError or None, seconds it took)."""
-    import launch.data as data
+    import launch.data.loader as data
 
     root = Path(root)
     train = TrainConfig(global_batch=8, eval_sequences=4)
@@ -476,7 +476,7 @@ def _two_rank_cases(rank, world_size, root):
     def boom(cfg, vocab_size):
         raise RuntimeError("disk quota exceeded while tokenizing")
 
-    data.prepare = boom  # rank 0 alone runs it: the others must not wait in the barrier for it
+    data.cache_tokens = boom  # rank 0 alone runs it: the others must not wait in the barrier for it
     attempt("rank0_crash", DataConfig(source=f"{root}/a.txt", tokenizer=tok, cache_dir=str(root / "c2")))
     attempt("good", DataConfig(prepared=str(root / "good"), seq_len=64))  # the group still works
     return out

@@ -40,7 +40,7 @@ def test_quick_cpu_run_writes_every_figure(tmp_path):
 
 
 def test_trainer_part_reads_the_peaks_and_reports_the_ratios(monkeypatch, tmp_path):
-    """Part 1 on records as the trainer writes them (launch/metrics.py cuda_memory_gib), with the
+    """Part 1 on records as the trainer writes them (launch/trainer/metrics.py cuda_memory_gib), with the
     trainer and the dry run stubbed: the peaks are the highest logged, the ratios are to the
     traced peak, and the report shows them."""
     from mano_dist.bench import gpu

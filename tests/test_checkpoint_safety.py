@@ -373,7 +373,7 @@ def test_consolidate_refuses_payloads_and_writes_through_a_temporary_file(tmp_pa
 
 # ----------------------------------------------------------------------------- tokenizer
 def test_llama32k_file_with_a_wrong_sha256_is_refused(tmp_path, monkeypatch):
-    from launch import tokenizer
+    from launch.data import tokenizer
 
     monkeypatch.setenv("MANO_DIST_TOKENIZERS", str(tmp_path))
     monkeypatch.setitem(sys.modules, "mistral_common", None)
@@ -401,7 +401,7 @@ def test_llama32k_file_with_a_wrong_sha256_is_refused(tmp_path, monkeypatch):
 
 
 def test_llama32k_good_copy_is_used(tmp_path, monkeypatch):
-    from launch import tokenizer
+    from launch.data import tokenizer
 
     try:
         source = tokenizer.llama32k_path()

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from launch import compare, scaling
-from launch.compare import final_record, run_dir, summarize
-from launch.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, pick_next,
+from launch.studies import runner, scaling
+from launch.studies.compare import final_record, run_dir, summarize
+from launch.studies.scaling import (SHORT_STUDY_BEST_LR, Run, budget_steps, edge_extensions, finished_runs, pick_next,
                             recent_secs_per_step, scaling_dir, scaling_plan, schedule_overrides, train_all)
-from launch.scaling_report import gap_pairs, paired_gap, read_jsonl, report, run_record, tables
+from launch.studies.scaling_report import gap_pairs, paired_gap, read_jsonl, report, run_record, tables
 
 
 def _write(out, opt, lr, seed, final, steps=4):
@@ -117,7 +117,7 @@ def test_cached_runs_are_not_retrained(tmp_path, monkeypatch):
             json.dumps({"step": steps, "loss": 9.0, "tokens": steps * 2048, "val_loss": 4.0}) + "\n")
         return 0
 
-    monkeypatch.setattr(compare.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
     assert train_all("configs/llama_study.toml", tmp_path, [done, missing, unfinished], jobs=2) == []
     assert sorted(launched) == sorted(str(scaling_dir(tmp_path, r)) for r in (missing, unfinished))
     assert finished_runs(tmp_path) == sorted([done, missing, unfinished], key=lambda r: str(scaling_dir(tmp_path, r)))
@@ -139,8 +139,8 @@ def test_a_deadline_skips_runs_that_would_not_finish_and_keeps_the_priority_orde
             f.write(json.dumps({"step": step, "loss": 9.0, "tokens": step * 2048, "tokens_per_s": 1024.0}) + "\n")
     assert recent_secs_per_step(tmp_path, margin=1.0) == pytest.approx(2.0)
     launched = []
-    monkeypatch.setattr(compare.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 1)
-    monkeypatch.setattr("launch.scaling.recent_secs_per_step", lambda out: 2.0)
+    monkeypatch.setattr(runner.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 1)
+    monkeypatch.setattr("launch.studies.scaling.recent_secs_per_step", lambda out: 2.0)
     unfinished = train_all("configs/llama_study.toml", tmp_path, [big, small, tiny], jobs=1, deadline=time.time() + 700)
     assert [c[c.index("--out-dir") + 1] for c in launched] == [str(scaling_dir(tmp_path, r)) for r in (small, tiny)]
     assert unfinished == [small, tiny, big]  # both failed (exit 1), the big one never started
@@ -208,9 +208,9 @@ def test_a_records_file_counts_as_done_and_joins_the_report(tmp_path, monkeypatc
             {"step": steps, "loss": 9.0, "tokens": steps * 2048, "val_loss": 4.0 + abs(math.log10(lr / 3e-3))}) + "\n")
         return 0
 
-    monkeypatch.setattr(compare.subprocess, "call", fake_call)
-    monkeypatch.setattr("launch.data.prepare", lambda *a, **k: None)
-    monkeypatch.setattr("launch.scaling.study_fingerprint", lambda config, seed: f"fp{seed}")
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr("launch.data.loader.cache_tokens", lambda *a, **k: None)
+    monkeypatch.setattr("launch.studies.scaling.study_fingerprint", lambda config, seed: f"fp{seed}")
     argv = ["--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), "--optimizers", "adamw", "muon",
             "--extras", "--budgets", "4096", "8192", "--seeds", "0", "--jobs", "1", "--records", str(records)]
     assert scaling.main(argv) == 0
@@ -253,7 +253,7 @@ def test_the_fingerprint_follows_the_initial_weights_and_data_not_the_optimizer(
 
 
 def test_update_rms_recovers_each_optimizers_step_size():
-    """``launch.update_rms`` measures u in W <- W (1 - lr wd) - lr u: Mano's is 0.2 by its
+    """``launch.studies.update_rms`` measures u in W <- W (1 - lr wd) - lr u: Mano's is 0.2 by its
     equations (0.2 sqrt(n) times a unit-norm row or column per slice), AdamW's first step is
     m/sqrt(v) = sign(g) (RMS 1), through the trainer-callback bookkeeping with an lr that changes
     every step (the meter must pair each step with the lr it used, not the next one)."""
@@ -262,7 +262,7 @@ def test_update_rms_recovers_each_optimizers_step_size():
     import torch
     from torch import nn
 
-    from launch.update_rms import UpdateMeter, summary_rows, update_rms
+    from launch.studies.update_rms import UpdateMeter, summary_rows, update_rms
     from mano_dist import Mano, mano_param_groups
 
     torch.manual_seed(0)

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from launch.config import DataConfig
-from launch.data import DataError, load_tokens, prepare
-from launch.prepare import prepare as prepare_folder
-from launch.sources import source_files
+from launch.data.loader import DataError, cache_tokens, load_tokens
+from launch.data.prepare import prepare as prepare_folder
+from launch.data.sources import source_files
 
 
 def test_llama32k_tokenizes_a_user_text_file_and_caches_it(tmp_path):
     text = tmp_path / "speech.txt"
     text.write_text("We the People of the United States, in Order to form a more perfect Union.\n" * 50)
     cfg = DataConfig(source=str(text), tokenizer="llama32k", cache_dir=str(tmp_path / "cache"))
-    path = prepare(cfg, 32000)
+    path = cache_tokens(cfg, 32000)
     tokens = np.asarray(load_tokens(path))
     assert tokens.dtype == np.uint16 and 0 < tokens.max() < 32000
     assert tokens[-1] == 2  # SentencePiece </s> ends every document
@@ -29,16 +29,16 @@ def test_llama32k_tokenizes_a_user_text_file_and_caches_it(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(path.parent / "tokenizer.model"))
     assert sp.decode(tokens[:-1].tolist()) == text.read_text()
     before = path.stat().st_mtime_ns
-    assert prepare(cfg, 32000) == path and path.stat().st_mtime_ns == before  # cached, not rewritten
+    assert cache_tokens(cfg, 32000) == path and path.stat().st_mtime_ns == before  # cached, not rewritten
 
 
 def test_tokenizer_larger_than_model_vocabulary_is_refused(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("hello")
     with pytest.raises(DataError, match="model.vocab_size >= 32000"):
-        prepare(DataConfig(source=str(text), tokenizer="llama32k", cache_dir=str(tmp_path)), 4096)
+        cache_tokens(DataConfig(source=str(text), tokenizer="llama32k", cache_dir=str(tmp_path)), 4096)
     with pytest.raises(ValueError, match="neither 'bpe', 'llama32k', a SentencePiece .model nor a tokenizer.json"):
-        prepare(DataConfig(source=str(text), tokenizer="/no/such.model", cache_dir=str(tmp_path)), 4096)
+        cache_tokens(DataConfig(source=str(text), tokenizer="/no/such.model", cache_dir=str(tmp_path)), 4096)
 
 
 def test_missing_llama32k_names_the_command_that_fetches_it(tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_missing_llama32k_names_the_command_that_fetches_it(tmp_path, monkeypatc
     text = tmp_path / "a.txt"
     text.write_text("hello")
     with pytest.raises(ValueError, match=r"python -m launch.tokenizer fetch") as e:
-        prepare(DataConfig(source=str(text), tokenizer="llama32k", cache_dir=str(tmp_path)), 32000)
+        cache_tokens(DataConfig(source=str(text), tokenizer="llama32k", cache_dir=str(tmp_path)), 32000)
     assert "mano-dist[" not in str(e.value)
 
 
@@ -59,7 +59,7 @@ def sotu_folder(tmp_path, vocab_size=4096):
 
 
 def test_trainer_refuses_a_folder_made_with_another_tokenizer(tmp_path, capsys):
-    from launch.train import main
+    from launch.trainer.loop import main
 
     folder = sotu_folder(tmp_path)
     rc = main(["--config", "configs/llama_tiny.toml", "--data-dir", str(folder), "--out-dir", str(tmp_path / "run"),

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.config import ModelConfig, load_config
-from launch.dryrun import COMPILE_NOTE, PeakTracker, dry_run, report
-from launch.model import Llama
-from launch.plan import count_parameters_by_role, main, predict_peak
+from launch.trainer.dryrun import COMPILE_NOTE, PeakTracker, dry_run, report
+from launch.trainer.model import Llama
+from launch.trainer.plan import count_parameters_by_role, main, predict_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every dim divisible by 4, so FSDP2's shards over 4 ranks are even and the bytes exact.
@@ -53,7 +53,7 @@ def test_mano_step_runs_on_fake_tensors_and_takes_the_full_path():
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from launch.parallel import build_mesh, shard_model
+    from launch.trainer.parallel import build_mesh, shard_model
     from mano_dist import CollectiveCounter, Mano, mano_param_groups
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)

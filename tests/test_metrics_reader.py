@@ -1,12 +1,12 @@
-"""``launch.metrics.read_metrics``: the one reader of ``metrics.jsonl`` every consumer uses (the
+"""``launch.trainer.metrics.read_metrics``: the one reader of ``metrics.jsonl`` every consumer uses (the
 plot, the studies, the throughput and GPU benches), with the one rule for resumed runs."""
 
 from __future__ import annotations
 
 import json
 
-from launch.compare import final_record
-from launch.metrics import MetricsWriter, read_metrics
+from launch.studies.compare import final_record
+from launch.trainer.metrics import MetricsWriter, read_metrics
 
 
 def _write(folder, records, append=False):
@@ -32,7 +32,7 @@ def test_a_resumed_run_counts_each_step_once_and_the_later_record_wins(tmp_path)
 
 
 def test_the_plot_draws_each_step_once(tmp_path):
-    from launch.plot import plot_runs
+    from launch.trainer.plot import plot_runs
 
     _write(tmp_path, [{"step": s, "loss": 5.0, "tokens": 100 * s} for s in (1, 2, 3)])
     _write(tmp_path, [{"step": 3, "loss": 4.0, "tokens": 300, "val_loss": 4.5}], append=True)

@@ -30,7 +30,7 @@ def test_without_torch_optim_muon_everything_but_the_muon_baselines_works():
     code = """
 import torch
 del torch.optim.Muon
-import launch.train, launch.plan, launch.compare
+import launch.trainer.loop, launch.plan, launch.studies.compare
 from torch import nn
 from mano_dist.baselines import build_optimizer
 from launch.config import ConfigError, load_config

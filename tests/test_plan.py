@@ -10,8 +10,8 @@ import torch
 
 from dist import run_distributed
 from launch.config import ModelConfig, load_config
-from launch.model import Llama
-from launch.plan import activation_bytes, count_parameters_by_role, main, memory_per_gpu, optimizer_traffic
+from launch.trainer.model import Llama
+from launch.trainer.plan import activation_bytes, count_parameters_by_role, main, memory_per_gpu, optimizer_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=2, ffn_dim=172, vocab_size=512, max_seq_len=32)
@@ -40,7 +40,7 @@ def test_memory_model():
 
 
 def _measure_mano_traffic(rank, world_size, tp):
-    from launch.parallel import build_mesh, shard_model
+    from launch.trainer.parallel import build_mesh, shard_model
     from mano_dist import CollectiveCounter, Mano, mano_param_groups
 
     torch.manual_seed(0)

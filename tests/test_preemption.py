@@ -1,4 +1,4 @@
-"""Preemption (launch/preemption.py): SIGTERM or SIGUSR1 stops a run at the next step boundary,
+"""Preemption (launch/trainer/preemption.py): SIGTERM or SIGUSR1 stops a run at the next step boundary,
 every rank at the same step, with a complete checkpoint, and the run resumed with ``--resume
 auto`` equals an uninterrupted one bit for bit (losses and final parameters). The signal goes to
 torchrun's agent (which forwards it to every worker) or to one worker only; FSDP2 (sync and async
@@ -22,7 +22,7 @@ import torch
 from dist import run_distributed
 from test_recipe import ROOT, SMALL, assert_same_run, ds_json, losses, straight  # noqa: F401
 
-from launch.preemption import MARKER_ENV, PREEMPTED_EXIT_CODE, Preemption
+from launch.trainer.preemption import MARKER_ENV, PREEMPTED_EXIT_CODE, Preemption
 
 
 def _train(out, *extra, faults=(), marker=None, env=None):

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.config import DataConfig, TrainConfig
-from launch.data import DataError, open_dataset, prepare as prepare_in_job
-from launch.prepare import PrepareError, is_validation, prepare
-from launch.sources import SourceError, iter_unit, plan_units, source_files
-from launch.tokenizer import load_tokenizer
+from launch.data.loader import DataError, cache_tokens as prepare_in_job, open_dataset
+from launch.data.prepare import PrepareError, is_validation, prepare
+from launch.data.sources import SourceError, iter_unit, plan_units, source_files
+from launch.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the people of united states in order to form more perfect union establish justice insure "
@@ -82,7 +82,7 @@ def test_killed_preparation_resumes_to_the_identical_folder(corpus, tmp_path):
     data, one = corpus
     out = tmp_path / "cut"
     crash = (
-        "import os, signal, sys, launch.prepare as p\n"
+        "import os, signal, sys, launch.data.prepare as p\n"
         "calls = []\n"
         "real = p._finish_shard\n"
         "def finish(base, record):\n"
@@ -181,7 +181,7 @@ def test_refusals(corpus, tmp_path):
 def test_a_large_source_is_refused_inside_torchrun(tmp_path, monkeypatch):
     big = tmp_path / "big.jsonl"
     big.write_text(json.dumps({"text": "x" * 2000}) + "\n")
-    monkeypatch.setattr("launch.data.INLINE_LIMIT_BYTES", 1000)
+    monkeypatch.setattr("launch.data.loader.INLINE_LIMIT_BYTES", 1000)
     monkeypatch.setenv("LOCAL_RANK", "0")
     cfg = DataConfig(source=str(big), tokenizer="llama32k", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"python -m launch.prepare --data '.*big.jsonl' --tokenizer llama32k"):

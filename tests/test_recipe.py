@@ -246,7 +246,7 @@ def test_bad_input_fails_clearly_without_hanging(tmp_path, extra, message):
 
 def test_command_line_shorthands_become_overrides():
     from launch.config import load_config
-    from launch.train import parse_args
+    from launch.trainer.loop import parse_args
 
     args = parse_args(["--data", "corpus/a.jsonl,corpus/*.txt", "--engine", "deepspeed",
                        "--ds-config", "configs/ds_zero2.json", "--set", "optim.lr=0.01"])
@@ -258,7 +258,7 @@ def test_command_line_shorthands_become_overrides():
 @pytest.mark.parametrize("name,millions", [("tiny", 5.26), ("130m", 134.1), ("350m", 368.0), ("1b", 1364.3), ("3b", 2685.8)])
 def test_presets_build_on_meta_with_expected_sizes(name, millions):
     from launch.config import load_config
-    from launch.model import Llama, count_parameters
+    from launch.trainer.model import Llama, count_parameters
 
     cfg = load_config(ROOT / "configs" / f"llama_{name}.toml")
     with torch.device("meta"):

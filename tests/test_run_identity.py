@@ -1,4 +1,4 @@
-"""Two runs sharing an output folder must not mix (launch/run_identity.py): a second run on a
+"""Two runs sharing an output folder must not mix (launch/trainer/run_identity.py): a second run on a
 locked folder fails at once; ``--resume none`` refuses a folder holding checkpoints unless
 ``--overwrite`` (which deletes them); a resume refuses a checkpoint of another run, or a config
 that changed what a resume must keep; a folder with copied checkpoints takes their identity.
@@ -32,7 +32,7 @@ def _cfg(out, *overrides):
 def _checkpoint(out, step: int, run_id: str | None, folder="checkpoints", seed=0):
     """A complete step folder as the savers leave it (only what ``claim`` reads: the COMPLETE
     marker, a payload file) and, unless ``run_id`` is None, the trainer's stamp."""
-    from launch.run_identity import fingerprint
+    from launch.trainer.run_identity import fingerprint
 
     path = Path(out) / folder / f"step-{step}"
     path.mkdir(parents=True)
@@ -45,7 +45,7 @@ def _checkpoint(out, step: int, run_id: str | None, folder="checkpoints", seed=0
 
 
 def _folder_json(out, run_id: str, seed=0):
-    from launch.run_identity import fingerprint
+    from launch.trainer.run_identity import fingerprint
 
     Path(out).mkdir(parents=True, exist_ok=True)
     identity = {"run_id": run_id, "fingerprint": fingerprint(_cfg(out, f"train.seed={seed}"))}
@@ -66,7 +66,7 @@ def _without_lock(out) -> dict[str, bytes]:
 
 def _claims(rank, world_size, cases):
     """Per case (out_dir, resume, overwrite, overrides): ("ok", run_id, notes) or ("error", text)."""
-    from launch.run_identity import RunFolderError, claim
+    from launch.trainer.run_identity import RunFolderError, claim
 
     results = []
     for out, resume, overwrite, overrides in cases:
@@ -182,7 +182,7 @@ def test_the_reproduced_mix_is_refused_end_to_end(tmp_path):
 
 
 def test_overwrite_without_resume_none_is_refused(tmp_path, capsys):
-    from launch.train import main
+    from launch.trainer.loop import main
 
     assert main(["--config", "configs/llama_tiny.toml", "--out-dir", str(tmp_path / "x"), "--overwrite"]) == 2
     err = capsys.readouterr().err

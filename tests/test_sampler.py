@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from launch.sampler import FeistelPermutation, WindowSampler
+from launch.data.sampler import FeistelPermutation, WindowSampler
 
 
 class Length:

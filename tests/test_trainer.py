@@ -41,8 +41,8 @@ def _config(*overrides):
 def _initial_weights(rank, world_size, tp, checkpoint):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from launch.model import build_model
-    from launch.parallel import build_mesh
+    from launch.trainer.model import build_model
+    from launch.trainer.parallel import build_mesh
 
     cfg = _config(f"parallel.tp={tp}", f"train.activation_checkpoint={checkpoint}")
     model = build_model(cfg, build_mesh(torch.device("cpu"), world_size, tp), torch.device("cpu"))
@@ -54,7 +54,7 @@ def _initial_weights(rank, world_size, tp, checkpoint):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_lean_init_is_bit_identical_at_every_world_size_and_tp(tmp_path):
-    from launch.model import Llama, RMSNorm, build_model, parameter_seed
+    from launch.trainer.model import Llama, RMSNorm, build_model, parameter_seed
 
     one = build_model(_config(), None, torch.device("cpu")).state_dict()
     # The reference, from the definition: each parameter its own Normal(0, 0.02) draw seeded by
@@ -199,7 +199,7 @@ def test_metrics_eta_mfu_and_tensorboard(tmp_path):
     loss scalars. MFU's FLOPs per token: 6 x (weights that multiply) + 12 x layers x dim x seq."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from launch.metrics import flops_per_token, peak_bf16_flops
+    from launch.trainer.metrics import flops_per_token, peak_bf16_flops
 
     cmd = [sys.executable, "-m", "launch.train", "--config", "configs/llama_tiny.toml", "--out-dir", str(tmp_path),
            *SMALL, "--set", "train.steps=2", "--set", "train.tensorboard=true", "--resume", "none"]
@@ -225,7 +225,7 @@ def test_metrics_eta_mfu_and_tensorboard(tmp_path):
 def test_mfu_peak_by_exact_device_name_and_dtype():
     """Whole name tokens, the most specific entry winning: "L40" is not "L4", "H20" not "H200";
     the China and Blackwell parts have peaks; fp32 runs are measured against fp32/tf32 peaks."""
-    from launch.metrics import PEAK_FLOPS, compute_dtype, peak_flops
+    from launch.trainer.metrics import PEAK_FLOPS, compute_dtype, peak_flops
 
     assert peak_flops("NVIDIA L4") == 121e12
     assert peak_flops("NVIDIA L40") == 181.05e12 != peak_flops("NVIDIA L4")
@@ -278,7 +278,7 @@ def test_only_logging_steps_read_the_host_and_records_are_unchanged(tmp_path):
     4 and 5 make no host read in the trainer's code (loss, gradient norm and optimizer time stay
     on the device); step 3 reads once, all pending steps together; and every step's record
     equals that of the same run logging every step."""
-    from launch.train import main
+    from launch.trainer.loop import main
 
     every = ["--config", str(ROOT / "configs" / "llama_tiny.toml"), *SMALL, "--resume", "none",
              "--set", "train.steps=6", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6"]
@@ -287,8 +287,8 @@ def test_only_logging_steps_read_the_host_and_records_are_unchanged(tmp_path):
     reads = counter.reads
     assert reads.keys() == {2, 3, 4, 5, 6}
     assert reads[2] == reads[4] == reads[5] == [], reads
-    assert len(reads[3]) == 1 and "Tensor.tolist at" in reads[3][0] and "launch/train.py" in reads[3][0], reads
-    assert reads[6] and all("launch/train.py" in site for site in reads[6]), reads  # + evaluation's one read
+    assert len(reads[3]) == 1 and "Tensor.tolist at" in reads[3][0] and "launch/trainer/loop.py" in reads[3][0], reads
+    assert reads[6] and all("launch/trainer/loop.py" in site for site in reads[6]), reads  # + evaluation's one read
 
     assert main([*every, "--out-dir", str(tmp_path / "all"), "--set", "train.log_every=1"]) == 0
     third, all_ = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -303,7 +303,7 @@ def test_only_logging_steps_read_the_host_and_records_are_unchanged(tmp_path):
 
 def test_deepspeed_engine_step_leaves_the_gradient_norm_unread():
     """DeepSpeed's norm comes back as DeepSpeed holds it (a tensor here), read by no one."""
-    from launch.engines import DeepSpeedEngine
+    from launch.trainer.engines import DeepSpeedEngine
     from mano_dist.dispatch import DispatchCounter
 
     class FakeEngine:
@@ -350,8 +350,8 @@ def _clipping_cases(rank, world_size):
     (NaN-aware: 0 when equal, NaNs included), and the new clip's host reads."""
     import torch.nn.functional as F
 
-    from launch.model import build_model
-    from launch.parallel import build_mesh, clip_grad_norm
+    from launch.trainer.model import build_model
+    from launch.trainer.parallel import build_mesh, clip_grad_norm
     from mano_dist.dispatch import DispatchCounter
 
     results = []
@@ -409,7 +409,7 @@ def test_device_side_clipping_equals_the_host_formula(tmp_path):
 ])
 def test_deepspeed_batch_keys_are_honoured_or_refused(tmp_path, json_keys, overrides, expect):
     from launch.config import ConfigError
-    from launch.engines import deepspeed_config
+    from launch.trainer.engines import deepspeed_config
 
     cfg = _config("train.global_batch=8", "parallel.engine=deepspeed",
                   f"parallel.ds_config={ds_json(tmp_path, 2, **json_keys)}", *overrides)
@@ -424,7 +424,7 @@ def test_deepspeed_batch_keys_are_honoured_or_refused(tmp_path, json_keys, overr
 
 def test_deepspeed_optimizer_follows_optim_or_refuses(tmp_path):
     from launch.config import ConfigError
-    from launch.engines import deepspeed_config, describe_optimizer
+    from launch.trainer.engines import deepspeed_config, describe_optimizer
 
     zero2 = f"parallel.ds_config={ROOT / 'configs' / 'ds_zero2.json'}"
     base = ("train.global_batch=16", "parallel.engine=deepspeed", zero2)

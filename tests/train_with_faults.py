@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch import train  # noqa: E402
+from launch.trainer import loop as train  # noqa: E402
 
 
 def crash_after(step: int, rank: int | None):

@@ -3,7 +3,7 @@
 1. train: the 130M preset (``configs/llama_130m.toml``) trains 30 steps through the real trainer
    (``torchrun --nproc-per-node 1 -m launch.train``, NCCL, FSDP2 at world size 1); CUDA's peak
    allocated and reserved memory, read back from its ``metrics.jsonl``, against the dry run of
-   the same configuration (``launch.dryrun``, what ``python -m launch.plan --dry-run`` traces);
+   the same configuration (``launch.trainer.dryrun``, what ``python -m launch.plan --dry-run`` traces);
 2. step: the optimizer step alone on the 130M hidden matrices (84, 85M elements, fp32), timed
    with CUDA events: Mano fused and eager, fused AdamW, ``torch.optim.Muon``; ratios vs fused AdamW;
 3. syncs: host syncs per step, counted by ``torch.cuda.set_sync_debug_mode("warn")``, and the
@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ and launch/
 PARTS = ("train", "step", "syncs")
 OPTIMIZERS = ("mano_fused", "mano_eager", "adamw_fused", "muon")
 BASELINE = "adamw_fused"
-# Keys of the trainer's metrics records (launch/metrics.py: cuda_memory_gib).
+# Keys of the trainer's metrics records (launch/trainer/metrics.py: cuda_memory_gib).
 MEM_KEYS = ("mem_allocated_gib", "mem_reserved_gib", "mem_device_used_gib", "mem_device_total_gib")
 GiB = 2**30
 
 
 # ---- the optimizers -------------------------------------------------------------------------------
 
-def build_optimizer(name: str, params):
+def peer_optimizer(name: str, params):
     """The optimizers compared, at their defaults. Mano's ``fused=`` keyword is new: a Mano
     without it has only the eager path (``mano_eager`` is then plain ``Mano``)."""
     from mano_dist import Mano
@@ -134,7 +134,7 @@ def part_step(args, device: torch.device) -> dict:
 
 
 def _time_one(name, params, grads, args, device) -> dict:
-    opt = build_optimizer(name, params)
+    opt = peer_optimizer(name, params)
     times = time_steps(opt, params, grads, args.steps, args.warmup, device)
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
 
@@ -186,7 +186,7 @@ def part_syncs(args, device: torch.device) -> dict:
 
 
 def _syncs_one(name, params, grads, args, device) -> dict:
-    opt = build_optimizer(name, params)
+    opt = peer_optimizer(name, params)
     time_steps(opt, params, grads, 0, args.warmup, device)  # warm-up: compilation (and recompilation), lazy state
     result = count_dispatch(opt, params, grads, args.sync_steps)
     if device.type == "cuda":
@@ -208,7 +208,7 @@ def train_overrides(args) -> list[str]:
 
 def run_trainer(config: Path, overrides: list[str], run_dir: Path, log: Path, timeout: float) -> list[dict]:
     """One torchrun process, as a user starts it (the trainer takes NCCL whenever CUDA is
-    visible, launch/parallel.py); its output goes to ``log``, its metrics records are returned."""
+    visible, launch/trainer/parallel.py); its output goes to ``log``, its metrics records are returned."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            "-m", "launch.train", "--config", str(config), "--out-dir", str(run_dir), "--resume", "none", "--overwrite"]
     for s in overrides:
@@ -219,7 +219,7 @@ def run_trainer(config: Path, overrides: list[str], run_dir: Path, log: Path, ti
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"trainer failed ({proc.returncode}), see {log}:\n{log.read_text()[-3000:]}")
-    from launch.metrics import METRICS_FILE, read_metrics
+    from launch.trainer.metrics import METRICS_FILE, read_metrics
 
     (log.parent / "train_metrics.jsonl").write_text((run_dir / METRICS_FILE).read_text())
     return read_metrics(run_dir)
@@ -231,14 +231,14 @@ def real_peaks(records: list[dict]) -> dict:
     if "mem_allocated_gib" not in found or "mem_reserved_gib" not in found:
         keys = sorted({k for r in records for k in r})
         raise RuntimeError(f"metrics.jsonl has no {MEM_KEYS[0]}/{MEM_KEYS[1]} (keys: {', '.join(keys)}): "
-                           "this trainer does not log CUDA memory yet (launch/metrics.py cuda_memory_gib)")
+                           "this trainer does not log CUDA memory yet (launch/trainer/metrics.py cuda_memory_gib)")
     return found
 
 
 def predicted_peak(config: Path, overrides: list[str]) -> dict:
     """The dry run of the same configuration at world size 1 (fake tensors, CPU, no GPU memory)."""
     from launch.config import load_config
-    from launch.dryrun import DEFAULT_RESERVE_GIB, dry_run
+    from launch.trainer.dryrun import DEFAULT_RESERVE_GIB, dry_run
 
     r = dry_run(load_config(str(config), overrides), 1)
     return {"traced_peak_gib": r.peak / GiB, "reserve_gib": DEFAULT_RESERVE_GIB,

@@ -1,7 +1,7 @@
 """End-to-end throughput: tokens/s of the tiny preset under 2-process FSDP2, per optimizer, and
 the optimizer's share of the step.
 
-    python -m launch.throughput [--optimizers adamw mano muon muonmax momo-mano momo-muonmax] [--steps 30] [--nproc 2]
+    python -m launch.measure.throughput [--optimizers adamw mano muon muonmax momo-mano momo-muonmax] [--steps 30] [--nproc 2]
 
 Runs ``launch.train`` with torchrun once per optimizer (same model, data and batch), skips the
 first steps (warm-up), and reports medians from the metrics: tokens/s, step time, the time
@@ -11,39 +11,13 @@ inside ``optimizer.step()`` and its share, each relative to AdamW measured in th
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from .metrics import read_metrics
-
-WARMUP = 5
-
-
-def measure(name: str, config: str, steps: int, nproc: int, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "launch.train", "--config", config, "--out-dir", str(out), "--resume", "none", "--overwrite",
-           "--set", f"optim.name={name}", "--set", f"train.steps={steps}", "--set", "train.log_every=1",
-           "--set", f"train.eval_every={steps}", "--set", "train.eval_sequences=8",
-           "--set", f"train.checkpoint_every={steps}"]
-    for s in extra:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        raise RuntimeError(f"{name}: trainer failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-    recs = read_metrics(out)[WARMUP:]
-    tok_s = statistics.median(r["tokens_per_s"] for r in recs)
-    opt_s = statistics.median(r["opt_step_s"] for r in recs)
-    step_tokens = recs[0]["tokens"] / recs[0]["step"]
-    step_s = step_tokens / tok_s
-    return {"tokens_per_s": tok_s, "step_s": step_s, "opt_s": opt_s}
-
+from .trainer_speed import WARMUP, measure
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.throughput", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m launch.measure.throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_tiny.toml")
     ap.add_argument("--optimizers", nargs="+", default=["adamw", "mano", "muon", "muonmax", "momo-mano", "momo-muonmax"])

@@ -2,7 +2,7 @@
 builds the whole fp32 model, then ``fully_shard``) against ``build_model`` (meta, then each
 rank initialises its shards), measured in one command.
 
-    python -m launch.init_memory --config configs/llama_350m.toml [--nproc 2]
+    python -m launch.measure.init_memory --config configs/llama_350m.toml [--nproc 2]
 
 Each way runs in fresh processes under torchrun; a rank reports its peak resident set
 (``ru_maxrss``) after the build minus the peak before it (imports, process group).
@@ -20,10 +20,10 @@ def _worker(config: str, mode: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from .config import load_config
-    from .metrics import peak_rss_gib
-    from .model import Llama, build_model
-    from .parallel import build_mesh, setup_distributed, shard_model
+    from ..config import load_config
+    from ..trainer.metrics import peak_rss_gib
+    from ..trainer.model import Llama, build_model
+    from ..trainer.parallel import build_mesh, setup_distributed, shard_model
 
     cfg = load_config(config)
     rank, world, device = setup_distributed()
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     results = {}
     for mode in ("full", "lean"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-               "-m", "launch.init_memory", "--config", args.config, "--worker", mode]
+               "-m", "launch.measure.init_memory", "--config", args.config, "--worker", mode]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:

@@ -1,6 +1,6 @@
 """Calibrate the dry run and the planner against a real CPU run of the same configuration.
 
-    python -m launch.calibrate --config configs/llama_130m.toml --ranks 2 \\
+    python -m launch.studies.calibrate --config configs/llama_130m.toml --ranks 2 \\
         --set train.micro_batch=2 --set train.activation_checkpoint=full
 
 Sets ``train.global_batch = ranks / tp x micro_batch x 2`` (two micro-steps per step), then:
@@ -45,12 +45,12 @@ def _real_step(rank, world_size, config: str, overrides: list[str]) -> dict:
 
     _return_freed_memory_to_the_os()
 
-    from .config import accumulation_steps, load_config
-    from .dryrun import PeakTracker, measure_step
-    from .engines import FSDPEngine
-    from .metrics import peak_rss_gib
-    from .model import build_model
-    from .parallel import build_mesh
+    from ..config import accumulation_steps, load_config
+    from ..trainer.dryrun import PeakTracker, measure_step
+    from ..trainer.engines import FSDPEngine
+    from ..trainer.metrics import peak_rss_gib
+    from ..trainer.model import build_model
+    from ..trainer.parallel import build_mesh
 
     cfg = load_config(config, overrides)
     cfg.train.async_checkpoint = False
@@ -72,11 +72,11 @@ def calibration_overrides(cfg, ranks: int) -> list[str]:
 def main(argv=None) -> int:
     from mano_dist.multiprocess import run_distributed
 
-    from .config import load_config
-    from .dryrun import dry_run
-    from .plan import predict_peak
+    from ..config import load_config
+    from ..trainer.dryrun import dry_run
+    from ..trainer.plan import predict_peak
 
-    ap = argparse.ArgumentParser(prog="python -m launch.calibrate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m launch.studies.calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--ranks", type=int, default=2)

@@ -5,7 +5,7 @@ engine from a JSON config. Both expose the same few calls, so the training loop 
   micro-batch's mean token loss); then ``step(loss) -> (grad_norm, stopwatch)`` once per
   optimizer step (``loss`` the step's mean, for the optimizers that use it). Neither value is
   read on the host here: ``grad_norm`` is a device tensor (or whatever DeepSpeed holds), and the
-  optimizer's time is a ``launch.metrics.Stopwatch`` (CUDA events on CUDA); the trainer reads
+  optimizer's time is a ``launch.trainer.metrics.Stopwatch`` (CUDA events on CUDA); the trainer reads
   both when it logs
 - ``lr``, ``save(step, sequences_seen) -> path`` (the checkpoint folder, complete on return unless
   ``saves_async``, then once ``wait()`` returns), ``load(resume) -> (step, sequences_seen, path) | None``
@@ -22,7 +22,7 @@ import torch
 from mano_dist import baselines
 from mano_dist.checkpoint import Checkpointer
 
-from .config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig
 from .metrics import Stopwatch
 from .parallel import clip_grad_norm
 
@@ -38,7 +38,7 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model, cfg: RunConfig):
+def trainer_optimizer(model, cfg: RunConfig):
     """Any optimizer of ``mano_dist.baselines.NAMES`` by ``optim.name``, same parameter routing."""
     o = cfg.optim
     return baselines.build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
@@ -50,7 +50,7 @@ class FSDPEngine:
     def __init__(self, model, cfg: RunConfig, out: Path):
         self.module, self.cfg = model, cfg
         self.device = next(iter(model.parameters())).device
-        self.optimizer = build_optimizer(model, cfg)
+        self.optimizer = trainer_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.train.keep_last,
                                  async_save=cfg.train.async_checkpoint)

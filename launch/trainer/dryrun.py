@@ -31,7 +31,7 @@ What a fake CPU trace cannot see, and how it is accounted for:
   inductor's kernels would allocate outside it on real memory. Compiled blocks usually keep
   fewer intermediates, so for them the traced peak errs high.
 
-Checked against real CPU runs of the same configuration: ``launch/calibrate.py``.
+Checked against real CPU runs of the same configuration: ``launch/studies/calibrate.py``.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def dry_run(cfg, world: int) -> DryRunResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from .config import accumulation_steps
+    from ..config import accumulation_steps
     from .engines import FSDPEngine
     from .model import Llama, init_weights
     from .parallel import build_mesh, parallelize

@@ -1,6 +1,6 @@
 """How large is each optimizer's step, really? The update RMS of the hidden matrices, measured.
 
-    python -m launch.update_rms [--config configs/llama_study.toml] [--runs adamw:3e-3 mano-v2:1e-2 muon:1e-2]
+    python -m launch.studies.update_rms [--config configs/llama_study.toml] [--runs adamw:3e-3 mano-v2:1e-2 muon:1e-2]
 
 Mano scales its unit-norm update by ``0.2 * sqrt(n)`` so that the update ``u`` in
 ``W <- W (1 - lr wd) - lr u`` has an RMS of 0.2, "like a typical AdamW step"; Muon's
@@ -51,9 +51,9 @@ class UpdateMeter:
 
 def measure(config: str, opt: str, lr: float, out: Path, sets: list[str]) -> UpdateMeter:
     """One training run of ``opt`` at peak ``lr`` with the meter attached."""
-    from . import train
-    from .compare import OPTIMIZERS
-    from .config import load_config
+    from ..config import load_config
+    from ..trainer import loop as train
+    from .runner import OPTIMIZERS
 
     overrides = OPTIMIZERS[opt] + [f"optim.lr={lr}"] + sets
     meter = UpdateMeter(load_config(config, overrides).optim.weight_decay)
@@ -89,11 +89,11 @@ def summary_rows(records: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.update_rms", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m launch.studies.update_rms", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_study.toml")
     ap.add_argument("--runs", nargs="+", default=["adamw:3e-3", "mano-v2:1e-2", "muon:1e-2"],
-                    help="optimizer:peak_lr pairs (optimizers as in launch.compare)")
+                    help="optimizer:peak_lr pairs (optimizers as in launch.studies.compare)")
     ap.add_argument("--out", type=Path, default=Path("runs/update_rms"))
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="SECTION.KEY=VALUE")
     ap.add_argument("--from-jsonl", type=Path, default=None, help="print the table of an earlier update_rms.jsonl")
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         print(HEADER + "\n" + "\n".join(summary_rows(records)))
         return 0
 
-    from .compare import OPTIMIZERS
+    from .runner import OPTIMIZERS
 
     runs = []
     for item in args.runs:
@@ -123,6 +123,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .train import exit_now
+    from ..trainer.loop import exit_now
 
     exit_now(main())

@@ -1,6 +1,6 @@
 """The convergence study: every optimizer on the same model, data and token budget.
 
-    python -m launch.compare [--out runs/compare] [--seeds 0 1] [--lrs 1e-3 3e-3 1e-2 3e-2] [--jobs 2]
+    python -m launch.studies.compare [--out runs/compare] [--seeds 0 1] [--lrs 1e-3 3e-3 1e-2 3e-2] [--jobs 2]
 
 Trains ``configs/llama_study.toml`` once per (optimizer, lr, seed) with ``launch.train`` in a
 single process, ``--jobs`` runs at a time. For a given seed every optimizer starts from the
@@ -17,64 +17,14 @@ interrupted study continues where it stopped. Writes into ``--out``:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .metrics import METRICS_FILE, read_metrics
-
-# study name -> trainer overrides
-OPTIMIZERS: dict[str, list[str]] = {
-    "adamw": ["optim.name=adamw"],
-    "muon": ["optim.name=muon"],
-    "mano-v1": ["optim.name=mano", "optim.variant=v1"],
-    "mano-v2": ["optim.name=mano", "optim.variant=v2"],
-    "mano-both": ["optim.name=mano", "optim.variant=both"],
-    "muonmax": ["optim.name=muonmax"],
-    "momo-mano": ["optim.name=momo-mano"],
-}
-
-
-def run_dir(out: Path, opt: str, lr: float, seed: int) -> Path:
-    return out / opt / f"lr{lr:g}" / f"seed{seed}"
-
-
-def final_record(folder: Path, steps: int) -> dict | None:
-    """The last metrics record if the run reached ``steps``, else None."""
-    if not (folder / METRICS_FILE).is_file():
-        return None
-    recs = read_metrics(folder)
-    last = recs[-1] if recs else None
-    return last if last and last["step"] == steps and "val_loss" in last else None
-
-
-def train_one(config: str, out: Path, opt: str, lr: float, seed: int, steps: int) -> tuple[str, float, int]:
-    sets = OPTIMIZERS[opt] + [f"optim.lr={lr}", f"train.seed={seed}", f"train.steps={steps}"]
-    return train_run(config, run_dir(out, opt, lr, seed), sets, steps)
-
-
-def train_run(config: str, folder: Path, sets: list[str], steps: int) -> tuple[str, float, int]:
-    """One single-thread ``launch.train`` process into ``folder``, skipped if it already finished."""
-    if final_record(folder, steps):
-        return str(folder), 0.0, 0
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "launch.train", "--config", config, "--out-dir", str(folder), "--resume", "none",
-           "--overwrite"]  # an interrupted run starts over
-    for s in sets:
-        cmd += ["--set", s]
-    t0 = time.perf_counter()
-    with open(folder / "train.log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    secs = time.perf_counter() - t0
-    if rc == 0:
-        (folder / "elapsed_s").write_text(f"{secs:.1f}\n")
-    return str(folder), secs, rc
-
+from ..trainer.metrics import METRICS_FILE, read_metrics
+from .runner import OPTIMIZERS, final_record, run_dir, train_one
 
 def _curves(out: Path, opt: str, lr: float, seeds: list[int]) -> list[list[dict]]:
     curves = []
@@ -164,7 +114,7 @@ def summarize(out: Path, opts: list[str], lrs: list[float], seeds: list[int], st
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m launch.studies.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/llama_study.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -180,11 +130,11 @@ def main(argv=None) -> int:
     wall = None
     if not args.summarize_only:
         # Prepare the data once, before parallel runs race to tokenize it.
-        from .config import load_config
-        from .data import prepare
+        from ..config import load_config
+        from ..data.loader import cache_tokens
 
         cfg = load_config(args.config)
-        prepare(cfg.data, cfg.model.vocab_size)
+        cache_tokens(cfg.data, cfg.model.vocab_size)
         jobs = [(o, lr, s) for s in args.seeds for lr in args.lrs for o in args.optimizers]
         t0 = time.perf_counter()
         failed = []

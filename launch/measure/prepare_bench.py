@@ -1,6 +1,6 @@
 """Throughput of ``python -m launch.prepare``: tokens/s per worker, 1 worker against N, same run.
 
-    python -m launch.prepare_bench --mb 100 --workers 2 --tokenizer llama32k
+    python -m launch.measure.prepare_bench --mb 100 --workers 2 --tokenizer llama32k
 
 Generates a JSONL corpus of ``--mb`` MB from the bundled speeches (one paragraph per document, a
 seeded shuffle, repeated to size), prepares it with 1 and with ``--workers`` processes, checks
@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .prepare import prepare
-from .sources import iter_documents, source_files
+from ..data.prepare import prepare
+from ..data.sources import iter_documents, source_files
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
@@ -45,7 +45,7 @@ def timed(corpus: Path, out: Path, tokenizer: str, workers: int) -> tuple[float,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="launch.prepare_bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="launch.measure.prepare_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=100)
     ap.add_argument("--workers", type=int, default=2)
