@@ -47,7 +47,7 @@ MARKER_ENV = "MANO_PREEMPTED_FILE"  # set by launch/run.sh: tells it this launch
 
 class Preemption:
     """Signal handlers that record SIGTERM / SIGUSR1 (``received``), and the per-step agreement.
-    A context manager: the previous handlers come back on exit (``launch.train.main`` runs
+    A context manager: the previous handlers come back on exit (``launch.trainer.loop.main`` runs
     in-process in tests and tools)."""
 
     def __init__(self):
