@@ -394,7 +394,10 @@ def test_llama32k_file_with_a_wrong_sha256_is_refused(tmp_path, monkeypatch):
     (fake / "data" / "tokenizer.model.v1").write_bytes(b"another version")
     monkeypatch.setenv("MANO_DIST_TOKENIZERS", str(tmp_path / "empty"))
     monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
-    monkeypatch.delitem(sys.modules, "mistral_common", raising=False)
+    # recorded as absent first, so the fake module imported below leaves sys.modules with the test
+    # (a later `import transformers` in this process would find it and fail on its missing version)
+    monkeypatch.setitem(sys.modules, "mistral_common", None)
+    monkeypatch.delitem(sys.modules, "mistral_common")
     with pytest.raises(tokenizer.TokenizerError, match="installed mistral-common") as e:
         tokenizer.llama32k_path()
     assert str(fake / "data" / "tokenizer.model.v1") in str(e.value) and tokenizer.LLAMA32K_WHEEL in str(e.value)
