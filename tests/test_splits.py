@@ -366,34 +366,15 @@ def test_split_params_resume_at_another_world_size(tmp_path):
 
 
 # ------------------------------------------------------------------------------ DeepSpeed
-class FusedLM(nn.Module):
-    """tests/test_deepspeed.py's TinyLM with its two hidden matrices fused: fc1 (12 rows) in
-    blocks of 5, 3 and 4, fc2 (10 rows) in 6 and 4; ZeRO cuts the flat partitions anywhere."""
-
-    def __init__(self):
-        super().__init__()
-        from test_deepspeed import VOCAB
-
-        self.embed = nn.Embedding(VOCAB, 7)
-        self.fc1 = nn.Linear(7, 12)
-        self.fc2 = nn.Linear(12, 10)
-        self.norm = nn.LayerNorm(10)
-        self.out = nn.Linear(10, VOCAB)
-
-    def forward(self, tokens, targets):
-        from test_deepspeed import VOCAB
-
-        h = self.norm(self.fc2(torch.tanh(self.fc1(self.embed(tokens)))))
-        return nn.functional.cross_entropy(self.out(h).reshape(-1, VOCAB).float(), targets.reshape(-1))
-
-
+# tests/test_deepspeed.py's TinyLM, its two hidden matrices declared fused: fc1 (12 rows) in blocks
+# of 5, 3 and 4, fc2 (10 rows) in 6 and 4; ZeRO cuts the flat partitions anywhere.
 DS_SPLITS = {"fc1.weight": (5, 3, 4), "fc2.weight": (6, 4)}
 DS_HYPER = dict(lr=0.02, weight_decay=0.1, splits={r"fc1\.weight": [5, 3, 4], r"fc2\.weight": [6, 4]})
 
 
 def _ds_body(rank, world_size, runs):
     import deepspeed
-    from test_deepspeed import _set_env, ds_config, micro_batch
+    from test_deepspeed import TinyLM, _set_env, ds_config, micro_batch
 
     import mano_dist.deepspeed  # noqa: F401  (registers "type": "Mano")
 
@@ -401,7 +382,7 @@ def _ds_body(rank, world_size, runs):
     out = []
     for stage, variant, zero_extra in runs:
         torch.manual_seed(0)
-        model = FusedLM()
+        model = TinyLM()
         cfg = ds_config(stage, 1, world_size, params=dict(DS_HYPER, variant=variant), zero_extra=zero_extra)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         assert [g.get("splits") for g in engine.basic_optimizer.param_groups if g["algorithm"] == "mano"] == \
@@ -417,10 +398,10 @@ def _ds_body(rank, world_size, runs):
 
 
 def _ds_reference(world_size, variant, steps=4):
-    from test_deepspeed import MICRO, global_batch
+    from test_deepspeed import MICRO, TinyLM, global_batch
 
     torch.manual_seed(0)
-    model = FusedLM().double()
+    model = TinyLM().double()
     named = dict(model.named_parameters())
     mano = mano_block_names(DS_SPLITS, [])
     ref = ReferenceRun(split_named({n: p.detach() for n, p in named.items()}, DS_SPLITS), mano,
