@@ -89,6 +89,16 @@ def _agree(error: CheckpointError | None) -> None:
         raise error
 
 
+def _views_if_different(values: list) -> list | None:
+    """None if every rank holds the same ``values``, else what each rank holds (one all_gather):
+    a checkpoint folder that is not on a file system shared by every rank."""
+    if not _distributed():
+        return None
+    seen: list[Any] = [None] * _world()
+    dist.all_gather_object(seen, values)
+    return None if all(v == values for v in seen) else seen
+
+
 def _meta_bytes(meta: dict[str, Any]) -> bytes:
     """``checkpointer.pt``'s bytes, refused here (not at resume) if ``weights_only`` loading
     could not read them back: ``extra`` and the scheduler state must be plain data."""
@@ -348,15 +358,13 @@ class Checkpointer:
     def _agreed_checkpoints(self) -> list[str]:
         """The complete checkpoints, checked to be the same list on every rank."""
         found = self.checkpoints()
-        if _distributed():
-            seen: list[Any] = [None] * _world()
-            dist.all_gather_object(seen, found)
-            if any(s != found for s in seen):
-                newest = [s[-1] if s else None for s in seen]
-                _agree(CheckpointError(
-                    f"Ranks see different newest checkpoints in {str(self.folder)!r}: {newest}; the "
-                    "folder must be on a file system shared by every rank"
-                ))
+        seen = _views_if_different(found)
+        if seen is not None:
+            newest = [s[-1] if s else None for s in seen]
+            _agree(CheckpointError(
+                f"Ranks see different newest checkpoints in {str(self.folder)!r}: {newest}; the "
+                "folder must be on a file system shared by every rank"
+            ))
         return found
 
     def _load_one(self, path: Path, model, optimizer, scheduler, restore_rng: bool) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import layout, rng, safe, validate
-from ..checkpoint.checkpointer import _agree, _distributed, _fsync_dir, _rank, _remove, _world
+from ..checkpoint.checkpointer import _agree, _distributed, _fsync_dir, _rank, _remove, _views_if_different, _world
 from ..checkpoint.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -460,7 +460,7 @@ def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, 
     if tag is not None:
         return _load_tag(engine, checkpoint_dir, tag)
     tags = complete_tags(checkpoint_dir)
-    seen = _agreed_list(tags)
+    seen = _views_if_different(tags)
     if seen is not None:
         _agree(CheckpointError(f"Ranks see different complete DeepSpeed checkpoints in {checkpoint_dir!r}: {seen}; "
                                "the folder must be on a file system shared by every rank"))
@@ -486,17 +486,6 @@ def load_run(engine, checkpoint_dir: str, tag: str | None = None) -> tuple[str, 
             warnings.warn(f"Skipping DeepSpeed checkpoint {candidate!r} in {checkpoint_dir!r}, it cannot be "
                           f"loaded: {e}; trying the next older one", stacklevel=2)
     raise CheckpointError(f"No DeepSpeed checkpoint in {checkpoint_dir!r} can be loaded: " + " | ".join(failures))
-
-
-def _agreed_list(values: list) -> list | None:
-    """None if every rank holds the same ``values``, else what each rank holds."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return None
-    seen: list = [None] * _world()
-    dist.all_gather_object(seen, values)
-    return None if all(v == values for v in seen) else seen
 
 
 def main(argv=None) -> int:
