@@ -19,6 +19,16 @@ pip install -q numpy ninja hjson psutil py-cpuinfo pydantic msgpack einops packa
 # Lightning, OLMo-core); the constraint keeps the torch installed above.
 TORCH_PIN=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
 pip install -q -e ".[dev]" -c <(echo "torch==$TORCH_PIN")
+# DeepSpeed's CPU ops, built once into ~/.cache/torch_extensions (what DS_BUILD_CPU_ADAM=1 does at
+# install time): its CPU Adam (the ZeRO-Offload AdamW peer) and shared-memory collectives (every
+# engine on DS_ACCELERATOR=cpu). Otherwise the first run or test to need one compiles it (~2 min).
+if [ "${DS_ACCELERATOR:-cpu}" = cpu ]; then
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
+from deepspeed.accelerator import get_accelerator
+for op in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
+    get_accelerator().create_op_builder(op).load(verbose=False)
+"
+fi
 # The llama32k tokenizer: one file from the mistral-common wheel (downloaded, not installed).
 "$VENV/bin/python" -m launch.tokenizer fetch
 touch "$VENV/.installed"

@@ -1,8 +1,8 @@
 """Mano's step as a few compiled kernels per group of like matrices: ``Mano(fused=True)``.
 
 Eager PyTorch launches about 30 kernels per matrix per step; on a GPU that is launch-bound. Here
-the matrices of a param group that share local shape, dtypes, device and sharding are stepped
-together by one ``torch.compile``'d function (inductor: C++ on CPU, Triton on CUDA, the same code
+the matrices of a param group that share dtypes, device and sharding are stepped in batches
+(``fused_driver``) by one ``torch.compile``'d function (inductor: C++ on CPU, Triton on CUDA, the same code
 path) per *segment*, the lr and the skip flag as tensors so nothing recompiles as they change.
 
 A variant's step is a list of per-slice reductions ("stages"), each along one axis:
@@ -97,7 +97,7 @@ class SegmentSpec:
     nesterov: bool
     weight_decay: float
     eps: float
-    scale: float  # 0.2 sqrt(global shape[axis]); the lr multiplies it at run time
+    scales: tuple[float, ...]  # per matrix, 0.2 sqrt(global shape[axis]); the lr multiplies them at run time
     start: int
     stop: int
     final: bool
@@ -109,7 +109,7 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
     (final) the update of M and W in place, and no sums."""
     sums: list[list[Tensor]] = [[] for _ in range(spec.start, spec.stop)]
     lr = lr.reshape(())
-    for w, g, m, known in zip(ws, gs, ms, knowns):
+    for w, g, m, known, scale in zip(ws, gs, ms, knowns, spec.scales):
         W = _work(w)
         d, m_new = _direction(g, m, spec.momentum, spec.nesterov, skip)
         known = list(known)
@@ -120,9 +120,9 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
             continue
         decay = 1.0 - lr * spec.weight_decay
         if spec.variant == "both":
-            new = W * decay.to(W.dtype) - (lr * spec.scale).to(W.dtype) * _both_u(W, d, known, spec.axis, spec.eps)
+            new = W * decay.to(W.dtype) - (lr * scale).to(W.dtype) * _both_u(W, d, known, spec.axis, spec.eps)
         else:
-            keep, step = projected_coefficients(known[0], spec.variant, lr * spec.scale, decay, spec.eps)
+            keep, step = projected_coefficients(known[0], spec.variant, lr * scale, decay, spec.eps)
             new = W * _across(keep, spec.axis, W) - _across(step, spec.axis, W) * d
         m.copy_(m_new)
         w.copy_(new)
@@ -132,14 +132,16 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
 def segments(variant: str, axis: int, sharded: set[int], device_type: str) -> list[tuple[int, int, bool]]:
     """(start, stop, final) per segment: cut after each reduction along a sharded axis.
 
-    On CPU "both" is cut after every reduction: inductor 2.13's C++ outer-loop fusion fails on
-    its one-segment row-wise step (``KeyError`` in ``is_all_write_read_contiguous``)."""
+    On CPU "both" also ends its reductions before the update: inductor 2.13's C++ outer-loop
+    fusion fails on a graph that reduces along both axes and then writes W and M in place
+    (``KeyError`` in ``is_all_write_read_contiguous``); an update-only final graph compiles."""
+    axes = stage_axes(variant, axis)
     out, start = [], 0
-    for i, ax in enumerate(stage_axes(variant, axis)):
-        if ax in sharded or (variant == "both" and device_type == "cpu"):
+    for i, ax in enumerate(axes):
+        if ax in sharded or (variant == "both" and device_type == "cpu" and i == len(axes) - 1):
             out.append((start, i + 1, False))
             start = i + 1
-    out.append((start, len(stage_axes(variant, axis)), True))
+    out.append((start, len(axes), True))
     return out
 
 

@@ -1,8 +1,12 @@
 """Drives ``fused.py``'s compiled segments for a step's Mano groups, in rounds like lockstep.
 
 Matrices of one param group are batched (up to :data:`BATCH_MATRICES` at a time) when they
-agree on everything a compiled segment bakes in (local shape and strides, dtypes, device,
-global shape, which mesh groups shard each axis).
+agree on dtypes, device and which mesh groups shard each axis (so on the segments they take and
+the collectives those need). Like shapes are batched together first, so the full batches of a
+model's repeated layers reuse one compiled graph; the part batches left over (a shape with fewer
+than a batch's worth of matrices) are then batched together, so a model of many one-off shapes
+compiles a few graphs, not one per shape. Everything that decides a batch is the same on every
+rank (global shapes, row-block origins, parameter order), never a local shard's shape.
 Each round every batch runs its next segment; the partial sums of all batches are completed by
 ``lockstep.complete_sums`` (one all-reduce per process group), then the next round starts.
 """
@@ -27,7 +31,7 @@ BATCH_MATRICES = 8
 
 @dataclass
 class Batch:
-    """Like matrices of one group, and where their step has got to."""
+    """Matrices of one group stepped by the same compiled calls, and where their step has got to."""
 
     layout: object
     ws: list[Tensor]
@@ -40,9 +44,27 @@ class Batch:
 
 
 def batch_key(w: Tensor, g: Tensor, m: Tensor, layout) -> tuple:
+    """What the matrices of one batch share (the same on every rank)."""
     groups = tuple(tuple(rg.key for rg in layout.reduce_groups(ax)) for ax in (0, 1))
-    return (tuple(w.shape), w.stride(), w.dtype, g.dtype, g.stride(), m.dtype, m.stride(), w.device,
-            tuple(layout.global_shape), groups, getattr(layout, "origin", ()))
+    return (w.dtype, g.dtype, m.dtype, w.device, groups)
+
+
+def like_key(layout) -> tuple:
+    """Matrices that compile alike: the same global shape and row block."""
+    return (tuple(layout.global_shape), getattr(layout, "origin", ()))
+
+
+def _chunks(members: list) -> list[list]:
+    """Full batches of like matrices, then the part batches left over, merged in order."""
+    alike: dict[tuple, list] = {}
+    for member in members:
+        alike.setdefault(like_key(member[3]), []).append(member)
+    full, rest = [], []
+    for ms in alike.values():
+        whole = len(ms) - len(ms) % BATCH_MATRICES
+        full.extend(ms[i : i + BATCH_MATRICES] for i in range(0, whole, BATCH_MATRICES))
+        rest.extend(ms[whole:])
+    return full + [rest[i : i + BATCH_MATRICES] for i in range(0, len(rest), BATCH_MATRICES)]
 
 
 def make_batches(group: dict, matrices: list, lr, axis: int) -> list[Batch]:
@@ -51,14 +73,13 @@ def make_batches(group: dict, matrices: list, lr, axis: int) -> list[Batch]:
     for w, g, m, lay in matrices:
         by_key.setdefault(batch_key(w, g, m, lay), []).append((w, g, m, lay))
     batches = []
-    chunks = [ms[i : i + BATCH_MATRICES] for ms in by_key.values() for i in range(0, len(ms), BATCH_MATRICES)]
-    for members in chunks:
+    for members in (chunk for ms in by_key.values() for chunk in _chunks(ms)):
         lay = members[0][3]
         sharded = {ax for ax in (0, 1) if lay.reduce_groups(ax)}
+        scales = tuple(scale_of(x[3].global_shape, axis) for x in members)
         specs = [
             SegmentSpec(group["variant"], axis, float(group["momentum"]), bool(group["nesterov"]),
-                        float(group["weight_decay"]), float(group["eps"]), scale_of(lay.global_shape, axis),
-                        start, stop, final)
+                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final)
             for start, stop, final in segments(group["variant"], axis, sharded, members[0][0].device.type)
         ]
         batches.append(Batch(lay, [x[0] for x in members], [x[1] for x in members], [x[2] for x in members],
@@ -81,9 +102,10 @@ def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, a
         for b, local, r in requests:
             spec = b.specs[b.position]
             axes = stage_axes(spec.variant, spec.axis)[spec.start : spec.stop]
+            stats = 1 if spec.variant == "both" else 3
             for flat, ax in zip([*local, r.partial], axes):
-                stats = 1 if spec.variant == "both" else 3
-                for known, s in zip(b.knowns, flat.view(len(b.ws), stats, b.ws[0].shape[1 - ax]).unbind(0)):
-                    known.append(s)
+                sizes = [stats * w.shape[1 - ax] for w in b.ws]
+                for known, s, w in zip(b.knowns, flat.split(sizes), b.ws):
+                    known.append(s.view(stats, w.shape[1 - ax]))
             b.position += 1
         live = [b for b, _, _ in requests]

@@ -75,9 +75,10 @@ def _check(results):
             assert r["comm_equal"], (rank, variant, r["comm"])
             assert r["skipped"] == (1, 1) and r["unchanged"] == [True], (rank, variant, r)
             assert all(reads == [] for reads in r["host_reads"]), (rank, variant, r["host_reads"])
-            # Net's 4 matrices all differ in shape (4 batches of one) and FSDP2 adds DTensor
-            # unwrapping: a bound, not the batched models' <= 2 per matrix (the test below);
-            # "both" on CPU runs 5 graphs per batch (fused.segments: an inductor workaround)
+            # Net's 4 matrices all differ in shape (one batch of four, see fused_driver) and FSDP2
+            # adds DTensor unwrapping: a bound, not the batched models' <= 2 per matrix (below);
+            # "both" on CPU runs its reductions and its update as 2 graphs per batch, more when
+            # sharded (fused.segments: an inductor workaround)
             per_param = 12 if variant == "both" else 6
             assert r["ops"] <= per_param * r["params"], (rank, variant, r["ops"], r["params"])
 
@@ -111,6 +112,32 @@ def test_fused_dispatch_count_does_not_grow_with_matrices():
     few, many = ops_for(1), ops_for(4)
     assert few[1] == many[1] == 0
     assert few[0] <= 2 * 7 and many[0] <= few[0] + 4, (few, many)  # 28 matrices: 2 more batches
+
+
+def test_batches_put_like_shapes_together_and_merge_the_one_offs():
+    """Full batches of one shape first, then the leftovers of every shape in one batch; decided
+    by global shapes and order only, so ranks holding shards of other local shapes (uneven,
+    empty) form the same batches and issue the same collectives."""
+    from mano_dist.fused_driver import BATCH_MATRICES, make_batches
+    from mano_dist.layouts import BlockLayout
+
+    group = dict(variant="v2", momentum=0.95, nesterov=True, weight_decay=0.0, eps=1e-8)
+    shapes = [(16, 16)] * (BATCH_MATRICES + 1) + [(40, 16), (16, 40), (1, 16)] + [(16, 16)] * BATCH_MATRICES
+
+    def batches(local_rows):
+        """Each batch as the indices (into ``shapes``) of its matrices."""
+        mats, index = [], {}
+        for i, shape in enumerate(shapes):
+            w, g, m = (torch.zeros(local_rows(shape[0]), shape[1]) for _ in range(3))
+            index[id(w)] = i
+            mats.append((w, g, m, BlockLayout(shape)))
+        return [[index[id(w)] for w in b.ws] for b in make_batches(group, mats, 0.01, axis=0)]
+
+    whole = batches(lambda r: r)
+    like = [i for i, s in enumerate(shapes) if s == (16, 16)]
+    assert whole == [like[:8], like[8:16], [like[16], 9, 10, 11]], whole
+    # Another rank holding half the rows (none of the 1-row matrix): the same batches.
+    assert batches(lambda r: r // 2) == whole
 
 
 def test_fused_fallback_warns_once_and_stays_correct(monkeypatch):
