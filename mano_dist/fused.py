@@ -112,7 +112,8 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
     for w, g, m, known, scale in zip(ws, gs, ms, knowns, spec.scales):
         W = _work(w)
         d, m_new = _direction(g, m, spec.momentum, spec.nesterov, skip)
-        known = list(known)
+        stats = 1 if spec.variant == "both" else 3  # the driver's sums are flat: view them per slice
+        known = [k.view(stats, w.shape[1 - ax]) for k, ax in zip(known, stage_axes(spec.variant, spec.axis))]
         for i in range(spec.start, spec.stop):
             known.append(_stage(spec.variant, i, W, d, known, spec.axis, spec.eps))
             sums[i - spec.start].append(known[-1].reshape(-1))

@@ -104,8 +104,9 @@ def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, a
             axes = stage_axes(spec.variant, spec.axis)[spec.start : spec.stop]
             stats = 1 if spec.variant == "both" else 3
             for flat, ax in zip([*local, r.partial], axes):
+                # One split_with_sizes (flat pieces): the compiled segments view them as (stats, slices).
                 sizes = [stats * w.shape[1 - ax] for w in b.ws]
-                for known, s, w in zip(b.knowns, flat.split(sizes), b.ws):
-                    known.append(s.view(stats, w.shape[1 - ax]))
+                for known, s in zip(b.knowns, flat.split(sizes)):
+                    known.append(s)
             b.position += 1
         live = [b for b, _, _ in requests]
