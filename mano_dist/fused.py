@@ -2,8 +2,8 @@
 
 Eager PyTorch launches about 30 kernels per matrix per step; on a GPU that is launch-bound. Here
 the matrices of a param group that share dtypes, device and sharding are stepped in batches
-(``fused_driver``) by one ``torch.compile``'d function (inductor: C++ on CPU, Triton on CUDA, the same code
-path) per *segment*, the lr and the skip flag as tensors so nothing recompiles as they change.
+(``fused_driver``) by one ``torch.compile``'d function (inductor: C++ on CPU, Triton on CUDA, the
+same code path) per *segment*, the lr and the skip flag as tensors so nothing recompiles as they change.
 
 A variant's step is a list of per-slice reductions ("stages"), each along one axis:
 - v1/v2: (s_dw, s_dd, s_ww) along k, then W <- W * keep - step * D;
@@ -79,6 +79,11 @@ def stage_axes(variant: str, axis: int) -> list[int]:
     return [1 - axis, axis, 1 - axis, axis] if variant == "both" else [axis]
 
 
+def stage_statistics(variant: str) -> int:
+    """How many sums per slice each reduction of a variant's step yields."""
+    return 1 if variant == "both" else 3
+
+
 def _stage(variant: str, i: int, w: Tensor, d: Tensor, known: list[Tensor], axis: int, eps: float) -> Tensor:
     """This process's partial sums of reduction ``i``, given the complete ones before it."""
     if variant != "both":
@@ -109,11 +114,11 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
     (final) the update of M and W in place, and no sums."""
     sums: list[list[Tensor]] = [[] for _ in range(spec.start, spec.stop)]
     lr = lr.reshape(())
+    stats, axes = stage_statistics(spec.variant), stage_axes(spec.variant, spec.axis)
     for w, g, m, known, scale in zip(ws, gs, ms, knowns, spec.scales):
         W = _work(w)
         d, m_new = _direction(g, m, spec.momentum, spec.nesterov, skip)
-        stats = 1 if spec.variant == "both" else 3  # the driver's sums are flat: view them per slice
-        known = [k.view(stats, w.shape[1 - ax]) for k, ax in zip(known, stage_axes(spec.variant, spec.axis))]
+        known = [k.view(stats, w.shape[1 - ax]) for k, ax in zip(known, axes)]  # the driver's sums are flat
         for i in range(spec.start, spec.stop):
             known.append(_stage(spec.variant, i, W, d, known, spec.axis, spec.eps))
             sums[i - spec.start].append(known[-1].reshape(-1))

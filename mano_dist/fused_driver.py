@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .functional import SliceSums
-from .fused import Compiler, SegmentSpec, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes
+from .fused import (Compiler, SegmentSpec, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes,
+                    stage_statistics)
 from .lockstep import complete_sums
 
 # Matrices per compiled call. Inductor emits a kernel per matrix either way; a fixed batch size
@@ -102,7 +103,7 @@ def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, a
         for b, local, r in requests:
             spec = b.specs[b.position]
             axes = stage_axes(spec.variant, spec.axis)[spec.start : spec.stop]
-            stats = 1 if spec.variant == "both" else 3
+            stats = stage_statistics(spec.variant)
             for flat, ax in zip([*local, r.partial], axes):
                 # One split_with_sizes (flat pieces): the compiled segments view them as (stats, slices).
                 sizes = [stats * w.shape[1 - ax] for w in b.ws]

@@ -44,6 +44,12 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid algorithm: {group['algorithm']!r} (one of {', '.join(ALGORITHMS)})")
 
 
+def reduced_axis(group: dict[str, Any]) -> int:
+    """The axis a Mano group's next step normalises along: it alternates with the group's steps
+    (k = 0 columns, k = 1 rows), counted on the host."""
+    return int(group["step"]) % 2
+
+
 class Mano(Optimizer):
     """Mano: momentum projected on the tangent space of the oblique manifold, normalised per
     column or per row (alternating every optimizer step), for hidden weight matrices; AdamW for
@@ -302,7 +308,7 @@ class Mano(Optimizer):
                 self._adamw_group(group, lr, skip, fused)
             elif fused and self._fusable(group):
                 matrices = self._matrices(group, self._with_grads(group))
-                batches.extend(make_batches(group, matrices, lr, int(group["step"]) % 2))
+                batches.extend(make_batches(group, matrices, lr, reduced_axis(group)))
             else:
                 matrix_steps.extend(self._mano_group(group, lr, skip))
         run_lockstep(matrix_steps, self._all_reduce)
@@ -355,7 +361,7 @@ class Mano(Optimizer):
         directions = self._momentum_directions(
             [m[1] for m in matrices], [m[2] for m in matrices], group["momentum"], group["nesterov"], skip
         )
-        axis = int(group["step"]) % 2
+        axis = reduced_axis(group)
         return [
             (
                 self._matrix_step(

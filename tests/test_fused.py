@@ -135,7 +135,8 @@ def test_batches_put_like_shapes_together_and_merge_the_one_offs():
 
     whole = batches(lambda r: r)
     like = [i for i, s in enumerate(shapes) if s == (16, 16)]
-    assert whole == [like[:8], like[8:16], [like[16], 9, 10, 11]], whole
+    n = BATCH_MATRICES
+    assert whole == [like[:n], like[n : 2 * n], [like[2 * n], n + 1, n + 2, n + 3]], whole
     # Another rank holding half the rows (none of the 1-row matrix): the same batches.
     assert batches(lambda r: r // 2) == whole
 

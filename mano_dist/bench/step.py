@@ -20,6 +20,7 @@ import torch
 
 from mano_dist import Mano
 from mano_dist.dispatch import DispatchCounter
+from mano_dist.optimizer import reduced_axis
 
 # (layers, hidden, ffn) of the paper's LLaMA presets (shared/notes/algorithm.md).
 LLAMA_SHAPES = {
@@ -54,12 +55,6 @@ def count_step(opt, params, grads) -> tuple[int, int]:
     return dc.ops, dc.host_reads
 
 
-def reduced_axis(opt) -> int | None:
-    """The axis Mano's next step normalises along (it alternates); None for other optimizers."""
-    group = opt.param_groups[0]
-    return int(group["step"]) % 2 if isinstance(opt, Mano) else None
-
-
 def time_steps(opt, params, grads, steps: int, warmup: int = 2) -> list[tuple[float, int | None]]:
     """(seconds, reduced axis) per step; grads are restored before each step (Mano's Nesterov
     writes into them)."""
@@ -67,7 +62,7 @@ def time_steps(opt, params, grads, steps: int, warmup: int = 2) -> list[tuple[fl
     for i in range(warmup + steps):
         for p, g in zip(params, grads):
             p.grad.copy_(g)
-        axis = reduced_axis(opt)
+        axis = reduced_axis(opt.param_groups[0]) if isinstance(opt, Mano) else None
         t0 = time.perf_counter()
         opt.step()
         dt = time.perf_counter() - t0
