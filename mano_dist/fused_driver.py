@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .functional import SliceSums
+from .functional import COLUMN_GROUP_ROWS, SliceSums
 from .fused import (Compiler, SegmentSpec, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes,
                     stage_statistics)
 from .lockstep import complete_sums
@@ -77,11 +77,13 @@ def make_batches(group: dict, matrices: list, lr, axis: int) -> list[Batch]:
     for members in (chunk for ms in by_key.values() for chunk in _chunks(ms)):
         lay = members[0][3]
         sharded = {ax for ax in (0, 1) if lay.reduce_groups(ax)}
+        device_type = members[0][0].device.type
         scales = tuple(scale_of(x[3].global_shape, axis) for x in members)
         specs = [
             SegmentSpec(group["variant"], axis, float(group["momentum"]), bool(group["nesterov"]),
-                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final)
-            for start, stop, final in segments(group["variant"], axis, sharded, members[0][0].device.type)
+                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final,
+                        COLUMN_GROUP_ROWS if device_type == "cpu" else 0)
+            for start, stop, final in segments(group["variant"], axis, sharded, device_type)
         ]
         batches.append(Batch(lay, [x[0] for x in members], [x[1] for x in members], [x[2] for x in members],
                              specs, lr_tensor(lr, members[0][0].device), [[] for _ in members]))
@@ -96,7 +98,7 @@ def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, a
         for b in live:
             spec = b.specs[b.position]
             args = (b.ws, b.gs, b.ms, b.knowns, b.lr, skip, spec)
-            sums = compiler(segment_key(spec, *args[:-1]), run_segment, *args)
+            sums, _factors = compiler(segment_key(spec, *args[:-1]), run_segment, *args)
             if not spec.final:
                 requests.append((b, sums[:-1], SliceSums(sums[-1], stage_axes(spec.variant, spec.axis)[spec.stop - 1])))
         complete_sums([(b.layout, r) for b, _, r in requests], all_reduce)

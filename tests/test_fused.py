@@ -89,6 +89,56 @@ def test_fused_equals_eager(tmp_path, world_size):
     _check(run_distributed(_fused_vs_eager, world_size, tmp_path, ("v1", "v2", "both"), timeout=900))
 
 
+@pytest.mark.parametrize("rows", [0, 5, 63, 64, 70, 96])
+def test_column_sums_over_row_groups_equal_the_plain_sums(rows):
+    """``product_sums`` with row groups (the CPU column sums): the float64 sums of the exact
+    products, for fewer rows than two groups, an exact multiple, a remainder and none at all."""
+    from mano_dist.functional import COLUMN_GROUP_ROWS, product_sums
+
+    assert COLUMN_GROUP_ROWS == 32  # the row counts above straddle 2 groups
+    gen = torch.Generator().manual_seed(rows)
+    x, y = torch.randn(rows, 9, generator=gen), torch.randn(rows, 9, generator=gen)
+    expected = torch.stack([(x.double() * y.double()).sum(0), (y.double() * y.double()).sum(0)])
+    for fn in (product_sums, torch.compile(product_sums, fullgraph=True, dynamic=False)):
+        got = fn([(x, y), (y, y)], 0, COLUMN_GROUP_ROWS)
+        assert got.dtype == torch.float64 and got.shape == (2, 9)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["v2", "both"])
+def test_fused_step_on_tall_matrices_equals_eager_and_the_reference(variant):
+    """Matrices tall enough for the grouped column sums (one with a remainder, one an exact
+    multiple of the group) and one a column batch of its own: fused == eager to 1e-6 and both
+    follow the float64 reference from the equations, over both axes and a skipped step."""
+    from mano_dist import Mano
+    from reference import mano_reference_step
+
+    hp = dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.1, eps=1e-8)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(70, 9), (96, 33), (9, 70)]
+    w0 = [torch.randn(s, generator=gen) for s in shapes]
+    fused_p, eager_p = ([torch.nn.Parameter(w.clone()) for w in w0] for _ in range(2))
+    fused = Mano(fused_p, variant=variant, fused=True, **hp)
+    eager = Mano(eager_p, variant=variant, fused=False, **hp)
+    ref_w, ref_m = [w.double() for w in w0], [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for step in range(5):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        if step == 2:
+            grads[1][5, 7] = float("nan")  # skipped: nothing changes (the axis still alternates)
+        for ps, opt in ((fused_p, fused), (eager_p, eager)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        if step != 2:
+            for i, g in enumerate(grads):
+                ref_w[i], ref_m[i] = mano_reference_step(ref_w[i], ref_m[i], g, step, variant=variant, **hp)
+    assert fused._compiler.failed is None and fused.skipped_steps == eager.skipped_steps == 1
+    for p, q, r in zip(fused_p, eager_p, ref_w):
+        rel = ((p.detach() - q.detach()).abs().max() / q.detach().abs().max()).item()
+        assert rel <= 1e-6, rel
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_dispatch_count_does_not_grow_with_matrices():
     """A LLaMA block's matrices (scaled down) over 1 and 4 layers: the dispatched ops per step
     grow by one compiled call per batch of like matrices, not by tens per matrix."""

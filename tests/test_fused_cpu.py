@@ -11,7 +11,7 @@ from mano_dist.functional import momentum_directions
 from mano_dist.lockstep import run_lockstep
 
 # (matrix shape, cuts as ZeRO ranks would hold them): partial head/tail rows, whole-row blocks of
-# more and fewer rows than a column group (fused_cpu.COLUMN_GROUP_ROWS), an empty rank.
+# more and fewer rows than a column group (functional.COLUMN_GROUP_ROWS), an empty rank.
 CASES = [((70, 9), [(0, 13), (13, 0), (13, 400), (413, 217)]), ((6, 5), [(0, 4), (4, 26)]), ((40, 3), [(0, 120)])]
 
 

@@ -22,7 +22,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..functional import STATS_DTYPE, MatrixStep, SliceSums, projected_coefficients, update_scale
+from ..functional import (COLUMN_GROUP_ROWS, STATS_DTYPE, MatrixStep, SliceSums, product_sums, projected_coefficients,
+                          update_scale)
 from .fragments import in_unison
 
 
@@ -37,25 +38,13 @@ def momentum_direction_(g: Tensor, m: Tensor, momentum: float, nesterov: bool, k
 
 def row_sums(d: Tensor, w: Tensor) -> Tensor:
     """(3, rows): per-row <d,w>, <d,d>, <w,w> of 2-D blocks (k = 1), in float64."""
-    d, w = d.to(STATS_DTYPE), w.to(STATS_DTYPE)
-    return torch.stack([(d * w).sum(1), (d * d).sum(1), (w * w).sum(1)])
-
-
-# Column sums (k = 0) as compiled walk down all rows in 16-column strips: past a few hundred
-# rows every row is another page (4096 x 1024: 14 ms). Summing groups of this many rows first
-# keeps each strip within a few pages (4 ms; and fewer rounding steps per sum).
-COLUMN_GROUP_ROWS = 32
+    return product_sums([(d, w), (d, d), (w, w)], 1)
 
 
 def column_sums(d: Tensor, w: Tensor) -> Tensor:
-    """(3, columns): per-column <d,w>, <d,d>, <w,w> of 2-D blocks (k = 0), in float64."""
-    rows, cols = d.shape
-    whole = rows - rows % COLUMN_GROUP_ROWS
-    wide = lambda t: t.to(STATS_DTYPE)  # noqa: E731 - widened after viewing (views of a copy do not trace)
-    dg, wg = wide(d[:whole].view(-1, COLUMN_GROUP_ROWS, cols)), wide(w[:whole].view(-1, COLUMN_GROUP_ROWS, cols))
-    dr, wr = wide(d[whole:]), wide(w[whole:])
-    return torch.stack([(dg * wg).sum(1).sum(0) + (dr * wr).sum(0), (dg * dg).sum(1).sum(0) + (dr * dr).sum(0),
-                        (wg * wg).sum(1).sum(0) + (wr * wr).sum(0)])
+    """(3, columns): per-column <d,w>, <d,d>, <w,w> of 2-D blocks (k = 0), in float64, over
+    groups of rows first (see ``functional.COLUMN_GROUP_ROWS``)."""
+    return product_sums([(d, w), (d, d), (w, w)], 0, COLUMN_GROUP_ROWS)
 
 
 def apply_update(w: Tensor, d: Tensor, keep: Tensor, step: Tensor) -> None:
