@@ -146,7 +146,8 @@ def segments(variant: str, axis: int, sharded: set[int], device_type: str) -> li
 
     On CPU "both" also ends its reductions before the update: inductor 2.13's C++ outer-loop
     fusion fails on a graph that reduces along both axes and then writes W and M in place
-    (``KeyError`` in ``is_all_write_read_contiguous``); an update-only final graph compiles."""
+    (``KeyError`` in ``is_all_write_read_contiguous``: pytorch/pytorch#188228, #196570); an
+    update-only final graph compiles."""
     axes = stage_axes(variant, axis)
     out, start = [], 0
     for i, ax in enumerate(axes):
