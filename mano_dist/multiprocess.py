@@ -1,11 +1,17 @@
 """Spawn a process group on this machine and collect each rank's result (tests, benchmarks).
 
-Follows shared/notes/platform.md: ``spawn`` start method, a ``file://`` store in the test's tmp
-dir, a 60 s process-group timeout, each child's traceback written to a file (so a failure on
-rank 1 is reported, not just "exit code 1"), ``os._exit`` after teardown (avoids a rare SIGABRT at
-interpreter exit), and an outer timeout that kills every rank so a hang fails the test instead
-of the CI job. Bundle several checks into one call: each spawn costs ~3-4 s on 2 cores.
-The backend is gloo (CPU); pass ``backend="nccl"`` with one GPU per rank on a CUDA machine.
+Follows shared/notes/platform.md: fresh child processes (no fork of the caller), a ``file://``
+store in the test's tmp dir, a 60 s process-group timeout, each child's traceback written to a
+file (so a failure on rank 1 is reported, not just "exit code 1"), ``os._exit`` after teardown
+(avoids a rare SIGABRT at interpreter exit), and an outer timeout that kills every rank so a
+hang fails the test instead of the CI job.
+
+Children come from a ``forkserver``: a server process, itself started fresh, imports torch and
+mano_dist once (and runs nothing: no threads, no process group, no CUDA) and forks each child
+from that state. A spawned child spent ~3-4 s on 2 cores importing torch; a forked one starts
+in ~0.1 s (``MANO_START_METHOD=spawn`` restores spawning). A child gets the caller's current
+environment (the server's would date from when it started). The backend is gloo (CPU); pass
+``backend="nccl"`` with one GPU per rank on a CUDA machine.
 
 Usage::
 
@@ -30,7 +36,21 @@ import torch
 import torch.multiprocessing as mp
 
 
+# What the fork server imports once for every child it forks (nothing that starts threads or
+# reads the environment at import: each child sets its own environment after the fork).
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "mano_dist"]
+
+
+def _context():
+    method = os.environ.get("MANO_START_METHOD", "forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server starts
+    return ctx
+
+
 def _child(fn, rank, world_size, init_file, out_dir, args, env, backend):
+    os.environ.clear()
     os.environ.update(env)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -76,8 +96,8 @@ def run_distributed(
     run_dir = tmp_path / f"dist-{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
     init_file = run_dir / "store"
-    ctx = mp.get_context("spawn")
-    env = {"MASTER_ADDR": "127.0.0.1", **(env or {})}
+    ctx = _context()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", **(env or {})}
     procs = [
         ctx.Process(target=_child, args=(fn, r, world_size, str(init_file), str(run_dir), args, env, backend), daemon=False)
         for r in range(world_size)
