@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .functional import adamw_step, product_sums, projected_coefficients
+from .functional import COLUMN_GROUP_ROWS, adamw_step, product_sums, projected_coefficients
 from .lockstep import holds_no_values
 
 
@@ -78,12 +78,14 @@ def stage_statistics(variant: str) -> int:
 
 
 def _stage(spec: "SegmentSpec", i: int, w: Tensor, d: Tensor, factors: list[Tensor]) -> Tensor:
-    """This process's partial sums of reduction ``i``, given the per-slice factors before it."""
+    """This process's partial sums of reduction ``i``, given the per-slice factors before it.
+    Column sums on CPU go over groups of rows first; inductor's GPU reductions tile their own."""
     ax = stage_axes(spec.variant, spec.axis)[i]
+    group_rows = COLUMN_GROUP_ROWS if w.device.type == "cpu" else 0
     if spec.variant != "both":
-        return product_sums([(d, w), (d, d), (w, w)], ax, spec.column_group_rows)
+        return product_sums([(d, w), (d, d), (w, w)], ax, group_rows)
     u = _both_u(w, d, factors, spec.axis)
-    return product_sums([(u, w if i < 2 else u)], ax, spec.column_group_rows)
+    return product_sums([(u, w if i < 2 else u)], ax, group_rows)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,6 @@ class SegmentSpec:
     start: int
     stop: int
     final: bool
-    column_group_rows: int = 0  # > 0: column sums over groups of rows first (CPU; functional.COLUMN_GROUP_ROWS)
 
 
 def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: SegmentSpec) -> tuple[list, list]:

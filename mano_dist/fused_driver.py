@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .functional import COLUMN_GROUP_ROWS, SliceSums
+from .functional import SliceSums
 from .fused import (Compiler, SegmentSpec, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes,
                     stage_statistics)
 from .lockstep import complete_sums
@@ -77,13 +77,11 @@ def make_batches(group: dict, matrices: list, lr, axis: int) -> list[Batch]:
     for members in (chunk for ms in by_key.values() for chunk in _chunks(ms)):
         lay = members[0][3]
         sharded = {ax for ax in (0, 1) if lay.reduce_groups(ax)}
-        device_type = members[0][0].device.type
         scales = tuple(scale_of(x[3].global_shape, axis) for x in members)
         specs = [
             SegmentSpec(group["variant"], axis, float(group["momentum"]), bool(group["nesterov"]),
-                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final,
-                        COLUMN_GROUP_ROWS if device_type == "cpu" else 0)
-            for start, stop, final in segments(group["variant"], axis, sharded, device_type)
+                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final)
+            for start, stop, final in segments(group["variant"], axis, sharded, members[0][0].device.type)
         ]
         batches.append(Batch(lay, [x[0] for x in members], [x[1] for x in members], [x[2] for x in members],
                              specs, lr_tensor(lr, members[0][0].device), [[] for _ in members]))
