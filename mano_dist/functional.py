@@ -29,11 +29,13 @@ VARIANTS = ("v1", "v2", "both")
 STATS_DTYPE = torch.float64
 
 
-# Compiled CPU code (inductor's C++) sums a matrix's columns by walking each 16-column strip down
-# every row: past a few hundred rows each step is another page. Summing groups of this many rows
-# first keeps a strip within a few pages: 2048 x 5504, 3 sums: 30-38 ms -> 20 ms; ZeRO-Offload's
-# 4096 x 1024 blocks 14 -> 4 ms (``python -m mano_dist.bench step``). GPUs need no such help.
-COLUMN_GROUP_ROWS = 32
+# Compiled CPU code (inductor's C++) sums a matrix's columns by walking each 8-column strip down
+# every row: past a few dozen rows the hardware prefetcher loses track of the streams. Summing
+# groups of this many rows first keeps them few (3 sums, AVX2 as ``fused.compile_options`` picks,
+# ms per matrix for groups of 8/16/32 rows: 2048 x 5504 10.2/9.1/10.5, 5504 x 2048 15.4/10.9/18.9,
+# 2048 x 2048 3.9/3.3/6.9, ZeRO-Offload's 4096 x 1024 blocks 4.1/4.5/6.3; ungrouped 11-33).
+# GPUs need no such help.
+COLUMN_GROUP_ROWS = 16
 
 
 def product_sums(pairs: Sequence[tuple[Tensor, Tensor]], axis: int, group_rows: int = 0) -> Tensor:

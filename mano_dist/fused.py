@@ -145,18 +145,36 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
 def segments(variant: str, axis: int, sharded: set[int], device_type: str) -> list[tuple[int, int, bool]]:
     """(start, stop, final) per segment: cut after each reduction along a sharded axis.
 
-    On CPU "both" also ends its reductions before the update: inductor 2.13's C++ outer-loop
-    fusion fails on a graph that reduces along both axes and then writes W and M in place
-    (``KeyError`` in ``is_all_write_read_contiguous``: pytorch/pytorch#188228, #196570); an
-    update-only final graph compiles."""
+    On CPU the reductions also end before the update, in a graph of their own, for two reasons
+    in torch 2.13's inductor: its AVX-512 code widens float32 to float64 through memory (no
+    vectorised conversion), so the statistics compile for AVX2 (:func:`compile_options`) while
+    the update keeps AVX-512; and its C++ outer-loop fusion fails on a graph that reduces along
+    both axes and then writes W and M in place ("both": ``KeyError`` in
+    ``is_all_write_read_contiguous``, pytorch/pytorch#188228, #196570). The update's graph reads
+    the sums from the statistics' graph: a few bytes per slice, no collective."""
     axes = stage_axes(variant, axis)
     out, start = [], 0
     for i, ax in enumerate(axes):
-        if ax in sharded or (variant == "both" and device_type == "cpu" and i == len(axes) - 1):
+        if ax in sharded or (device_type == "cpu" and i == len(axes) - 1):
             out.append((start, i + 1, False))
             start = i + 1
     out.append((start, len(axes), True))
     return out
+
+
+def compile_options(device: torch.device, widens: bool) -> dict:
+    """Inductor options for a graph on ``device``; ``widens``: it sums float32 products in float64.
+
+    Torch 2.13's AVX-512 vector headers have no float32 -> float64 conversion: each one goes
+    through a store, a scalar loop and a load, and the statistics pass ran 2.5-4x slower than
+    the same code built for AVX2 (2048 x 5504, 3 sums: 8.9 -> 3.6 ms; a float32-only pass is
+    memory-bound either way). GPUs compile Triton and take no options."""
+    if device.type != "cpu" or not widens:
+        return {}
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return {"cpp.simdlen": 256} if isa and isa.bit_width() == 512 and "avx512" in str(isa) else {}
 
 
 # ------------------------------------------------------------------------------ compilation
@@ -181,12 +199,13 @@ class Compiler:
         """The first closure made for ``key``: a later one would be a new function to compile."""
         return self._closures.setdefault(key, fn)
 
-    def __call__(self, key: tuple, fn: Callable, *args):
+    def __call__(self, key: tuple, fn: Callable, *args, options: dict | None = None):
         if self.failed is not None or any(holds_no_values(t) for t in _tensors(args)):
             return fn(*args)  # fake tensors (a memory dry run) run the same code eagerly
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = torch.compile(_own_code(fn, f"{len(self._compiled)}"), fullgraph=True, dynamic=False)
+            compiled = torch.compile(_own_code(fn, f"{len(self._compiled)}"), fullgraph=True, dynamic=False,
+                                     options=options or None)
             self._compiled[key] = compiled
         try:
             return compiled(*args)

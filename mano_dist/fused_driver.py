@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .functional import SliceSums
-from .fused import (Compiler, SegmentSpec, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes,
+from .fused import (Compiler, SegmentSpec, compile_options, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes,
                     stage_statistics)
 from .lockstep import complete_sums
 
@@ -96,7 +96,8 @@ def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, a
         for b in live:
             spec = b.specs[b.position]
             args = (b.ws, b.gs, b.ms, b.knowns, b.lr, skip, spec)
-            sums, _factors = compiler(segment_key(spec, *args[:-1]), run_segment, *args)
+            options = compile_options(b.ws[0].device, widens=spec.stop > spec.start)
+            sums, _factors = compiler(segment_key(spec, *args[:-1]), run_segment, *args, options=options)
             if not spec.final:
                 requests.append((b, sums[:-1], SliceSums(sums[-1], stage_axes(spec.variant, spec.axis)[spec.stop - 1])))
         complete_sums([(b.layout, r) for b, _, r in requests], all_reduce)

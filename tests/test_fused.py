@@ -89,13 +89,13 @@ def test_fused_equals_eager(tmp_path, world_size):
     _check(run_distributed(_fused_vs_eager, world_size, tmp_path, ("v1", "v2", "both"), timeout=900))
 
 
-@pytest.mark.parametrize("rows", [0, 5, 63, 64, 70, 96])
-def test_column_sums_over_row_groups_equal_the_plain_sums(rows):
+@pytest.mark.parametrize("groups_and_rest", [(0, 0), (0, 5), (2, -1), (2, 0), (2, 6), (3, 0)])
+def test_column_sums_over_row_groups_equal_the_plain_sums(groups_and_rest):
     """``product_sums`` with row groups (the CPU column sums): the float64 sums of the exact
     products, for fewer rows than two groups, an exact multiple, a remainder and none at all."""
     from mano_dist.functional import COLUMN_GROUP_ROWS, product_sums
 
-    assert COLUMN_GROUP_ROWS == 32  # the row counts above straddle 2 groups
+    rows = groups_and_rest[0] * COLUMN_GROUP_ROWS + groups_and_rest[1]
     gen = torch.Generator().manual_seed(rows)
     x, y = torch.randn(rows, 9, generator=gen), torch.randn(rows, 9, generator=gen)
     expected = torch.stack([(x.double() * y.double()).sum(0), (y.double() * y.double()).sum(0)])
@@ -111,11 +111,12 @@ def test_fused_step_on_tall_matrices_equals_eager_and_the_reference(variant):
     multiple of the group; one batch): fused == eager to 1e-6 and both follow the float64
     reference from the equations, over both axes and a skipped step."""
     from mano_dist import Mano
+    from mano_dist.functional import COLUMN_GROUP_ROWS
     from reference import mano_reference_step
 
     hp = dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.1, eps=1e-8)
     gen = torch.Generator().manual_seed(0)
-    shapes = [(70, 9), (96, 33)]
+    shapes = [(4 * COLUMN_GROUP_ROWS + 6, 9), (6 * COLUMN_GROUP_ROWS, 33)]
     w0 = [torch.randn(s, generator=gen) for s in shapes]
     fused_p, eager_p = ([torch.nn.Parameter(w.clone()) for w in w0] for _ in range(2))
     fused = Mano(fused_p, variant=variant, fused=True, **hp)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..functional import (COLUMN_GROUP_ROWS, STATS_DTYPE, MatrixStep, SliceSums, product_sums, projected_coefficients,
                           update_scale)
+from ..fused import compile_options
 from .fragments import in_unison
 
 
@@ -55,14 +56,15 @@ def apply_update(w: Tensor, d: Tensor, keep: Tensor, step: Tensor) -> None:
 class _Compiled:
     """``fn`` compiled on first use; ``fn`` itself (eager) once compiling has failed."""
 
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
+    def __init__(self, fn, widens: bool = False):
+        self.fn, self.compiled, self.widens = fn, None, widens
 
     def __call__(self, *args):
         if self.compiled is not False:
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True)
+                    options = compile_options(torch.device("cpu"), self.widens)
+                    self.compiled = torch.compile(self.fn, dynamic=True, options=options or None)
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: warn, keep training
                 warnings.warn(f"mano_dist: torch.compile of {self.fn.__name__} failed "
@@ -72,8 +74,9 @@ class _Compiled:
 
 
 MOMENTUM_DIRECTION = _Compiled(momentum_direction_)
-ROW_SUMS = _Compiled(row_sums)
-COLUMN_SUMS = _Compiled(column_sums)
+# The sums widen float32 to float64: compiled for AVX2 on AVX-512 CPUs (see fused.compile_options).
+ROW_SUMS = _Compiled(row_sums, widens=True)
+COLUMN_SUMS = _Compiled(column_sums, widens=True)
 APPLY_UPDATE = _Compiled(apply_update)
 
 
