@@ -18,8 +18,11 @@ coefficients and norms), so that the compiler computes each once per slice, not 
 on CPU a column sum runs over groups of rows first (``functional.product_sums``).
 
 The math is the eager path's (``functional.projected_coefficients``, the same operation order);
-results agree to float rounding (the compiler may fuse multiply-adds). A skipped step (``skip``)
-is gated inside the kernels: M keeps its value, the lr is 0, the gradient is not read as is.
+results agree to float rounding (the compiler may fuse multiply-adds). The non-finite check
+costs no pass of its own: a step that may be skipped computes its first sums before anything is
+written and before the decision, and a non-finite gradient makes them non-finite (float64 sums
+of float32 products cannot overflow), so they are the check; the later segments are gated
+(``skip``): M keeps its value, W is selected back, the gradient is not read as is.
 """
 
 from __future__ import annotations
@@ -102,14 +105,16 @@ class SegmentSpec:
     start: int
     stop: int
     final: bool
+    check: bool = False  # also return whether the sums are non-finite (see ``segments``)
 
 
-def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: SegmentSpec) -> tuple[list, list]:
+def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: SegmentSpec) -> tuple[list, list, Tensor | None]:
     """Reductions ``[start, stop)`` of every matrix, then (``final``) the update of M and W in place.
 
-    Returns (sums, factors). Per reduction, ``sums`` holds the flat sums of all matrices
-    (complete for a local axis; this process's partial ones for the last, sharded, one); none
-    when final. ``factors`` are the per-slice vectors the later passes broadcast (the update's
+    Returns (sums, factors, verdict). Per reduction, ``sums`` holds the flat sums of all
+    matrices (complete for a local axis; this process's partial ones for the last, sharded,
+    one); none when final. ``verdict`` (with ``spec.check``): a 0-d float, 1 if any of these sums
+    is non-finite, else 0. ``factors`` are the per-slice vectors the later passes broadcast (the update's
     keep and step, "both"'s coefficients and norms): returned so that inductor writes each one
     once; inlined, a column's factors (k = 0) would be recomputed, float64 square roots and
     all, at every element (measured: the k = 0 update 16 -> 9 ms on CPU). The caller drops them."""
@@ -137,13 +142,22 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
                 factors = [keep.to(W.dtype), step.to(W.dtype)]
                 new = W * factors[0].unsqueeze(spec.axis) - factors[1].unsqueeze(spec.axis) * d
             m.copy_(m_new)
-            w.copy_(new)
+            # A skipped step's sums may be non-finite (they were formed before the decision).
+            w.copy_(new if skip is None else torch.where(skip, W, new))
         factors_out.extend(factors)
-    return ([] if spec.final else [torch.cat(flat) for flat in sums]), factors_out
+    flats = [] if spec.final else [torch.cat(flat) for flat in sums]
+    # float64 sums of float32 products cannot overflow: their total is non-finite iff one is.
+    verdict = (~torch.isfinite(sum(f.sum() for f in flats))).float() if spec.check and flats else None
+    return flats, factors_out, verdict
 
 
-def segments(variant: str, axis: int, sharded: set[int], device_type: str) -> list[tuple[int, int, bool]]:
+def segments(variant: str, axis: int, sharded: set[int], device_type: str, checks: bool = False
+             ) -> list[tuple[int, int, bool]]:
     """(start, stop, final) per segment: cut after each reduction along a sharded axis.
+
+    ``checks``: the step may be skipped for a non-finite gradient. The first reduction then
+    ends a segment of its own, which writes nothing: its sums, non-finite exactly when a
+    gradient the matrix reads is, are the matrix's check (``fused_driver.first_statistics``).
 
     On CPU the reductions also end before the update, in a graph of their own, for two reasons
     in torch 2.13's inductor: its AVX-512 code widens float32 to float64 through memory (no
@@ -155,7 +169,7 @@ def segments(variant: str, axis: int, sharded: set[int], device_type: str) -> li
     axes = stage_axes(variant, axis)
     out, start = [], 0
     for i, ax in enumerate(axes):
-        if ax in sharded or (device_type == "cpu" and i == len(axes) - 1):
+        if ax in sharded or (checks and i == 0) or (device_type == "cpu" and i == len(axes) - 1):
             out.append((start, i + 1, False))
             start = i + 1
     out.append((start, len(axes), True))

@@ -68,47 +68,74 @@ def _chunks(members: list) -> list[list]:
     return full + [rest[i : i + BATCH_MATRICES] for i in range(0, len(rest), BATCH_MATRICES)]
 
 
-def make_batches(group: dict, matrices: list, lr, axis: int) -> list[Batch]:
-    """``matrices``: (weight, grad, momentum, layout) local views of one param group."""
+def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = False) -> list[Batch]:
+    """``matrices``: (weight, grad, momentum, layout) local views of one param group; ``lr`` not
+    gated by the skip (the final segments select W back); ``checks``: the step may be skipped
+    (see :func:`first_statistics`)."""
     by_key: dict[tuple, list] = {}
     for w, g, m, lay in matrices:
         by_key.setdefault(batch_key(w, g, m, lay), []).append((w, g, m, lay))
-    batches = []
+    batches, lrs = [], {}
     for members in (chunk for ms in by_key.values() for chunk in _chunks(ms)):
-        lay = members[0][3]
+        lay, device = members[0][3], members[0][0].device
+        if device not in lrs:  # one tensor per group and device, shared by its batches
+            lrs[device] = lr_tensor(lr, device)
         sharded = {ax for ax in (0, 1) if lay.reduce_groups(ax)}
         scales = tuple(scale_of(x[3].global_shape, axis) for x in members)
         specs = [
             SegmentSpec(group["variant"], axis, float(group["momentum"]), bool(group["nesterov"]),
-                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final)
-            for start, stop, final in segments(group["variant"], axis, sharded, members[0][0].device.type)
+                        float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final,
+                        check=checks and start == 0)
+            for start, stop, final in segments(group["variant"], axis, sharded, device.type, checks)
         ]
         batches.append(Batch(lay, [x[0] for x in members], [x[1] for x in members], [x[2] for x in members],
-                             specs, lr_tensor(lr, members[0][0].device), [[] for _ in members]))
+                             specs, lrs[device], [[] for _ in members]))
     return batches
 
 
+def first_statistics(batches: list[Batch], compiler: Compiler, all_reduce) -> Tensor | None:
+    """Runs every batch's first segment (made by ``make_batches(..., checks=True)``: statistics
+    only, nothing written), ungated, and returns whether any of those sums is non-finite on
+    this process: a 0-d float, 1 or 0, on the device (None without batches). Each matrix's
+    first sums read all of its gradient, and one inf or nan in it makes them non-finite, so
+    this is the batches' non-finite check, without a pass of its own. The caller all-reduces
+    it with the other checks."""
+    assert all(b.specs[0].check for b in batches), "make_batches(..., checks=True) first"
+    verdicts = _run_round(batches, None, compiler, all_reduce)
+    if len(verdicts) < 2:
+        return verdicts[0] if verdicts else None
+    return torch.stack(verdicts).amax()
+
+
 def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, all_reduce) -> None:
-    """Every batch to completion, all-reducing the partial sums of each round together."""
-    live = list(batches)
+    """Every batch from where it is to completion, all-reducing the partial sums of each round together."""
+    live = [b for b in batches if b.position < len(b.specs)]
     while live:
-        requests = []
-        for b in live:
-            spec = b.specs[b.position]
-            args = (b.ws, b.gs, b.ms, b.knowns, b.lr, skip, spec)
-            options = compile_options(b.ws[0].device, widens=spec.stop > spec.start)
-            sums, _factors = compiler(segment_key(spec, *args[:-1]), run_segment, *args, options=options)
-            if not spec.final:
-                requests.append((b, sums[:-1], SliceSums(sums[-1], stage_axes(spec.variant, spec.axis)[spec.stop - 1])))
-        complete_sums([(b.layout, r) for b, _, r in requests], all_reduce)
-        for b, local, r in requests:
-            spec = b.specs[b.position]
-            axes = stage_axes(spec.variant, spec.axis)[spec.start : spec.stop]
-            stats = stage_statistics(spec.variant)
-            for flat, ax in zip([*local, r.partial], axes):
-                # One split_with_sizes (flat pieces): the compiled segments view them as (stats, slices).
-                sizes = [stats * w.shape[1 - ax] for w in b.ws]
-                for known, s in zip(b.knowns, flat.split(sizes)):
-                    known.append(s)
-            b.position += 1
-        live = [b for b, _, _ in requests]
+        _run_round(live, skip, compiler, all_reduce)
+        live = [b for b in live if b.position < len(b.specs)]
+
+
+def _run_round(batches: list[Batch], skip: Tensor | None, compiler: Compiler, all_reduce) -> list[Tensor]:
+    """Every batch's next segment, then one all-reduce per process group of the partial sums;
+    returns the verdicts of the segments that check their sums (``SegmentSpec.check``)."""
+    requests, verdicts = [], []
+    for b in batches:
+        spec = b.specs[b.position]
+        args = (b.ws, b.gs, b.ms, b.knowns, b.lr, skip, spec)
+        options = compile_options(b.ws[0].device, widens=spec.stop > spec.start)
+        sums, _factors, verdict = compiler(segment_key(spec, *args[:-1]), run_segment, *args, options=options)
+        b.position += 1
+        if verdict is not None:
+            verdicts.append(verdict)
+        if not spec.final:
+            requests.append((b, spec, sums[:-1], SliceSums(sums[-1], stage_axes(spec.variant, spec.axis)[spec.stop - 1])))
+    complete_sums([(b.layout, r) for b, _, _, r in requests], all_reduce)
+    for b, spec, local, r in requests:
+        axes = stage_axes(spec.variant, spec.axis)[spec.start : spec.stop]
+        stats = stage_statistics(spec.variant)
+        for flat, ax in zip([*local, r.partial], axes):
+            # One split_with_sizes (flat pieces): the compiled segments view them as (stats, slices).
+            sizes = [stats * w.shape[1 - ax] for w in b.ws]
+            for known, s in zip(b.knowns, flat.split(sizes)):
+                known.append(s)
+    return verdicts

@@ -15,7 +15,7 @@ from . import fused as fused_step
 from .adamw_fallback import adamw_group_step, adamw_hyper, adamw_state, adamw_tensors, momentum_state
 from .dtensors import is_dtensor, local
 from .functional import VARIANTS, any_nonfinite, mano_matrix_step, momentum_directions, nonfinite_flags, skip_gate
-from .fused_driver import make_batches, run_batches
+from .fused_driver import first_statistics, make_batches, run_batches
 from .layouts import check_splits, layout_for, split_rows
 from .lockstep import all_reduce_on_device, default_all_reduce, holds_no_values, run_lockstep
 
@@ -292,23 +292,36 @@ class Mano(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_groups(self.param_groups, self._skip_flag())
+        self._step_groups(self.param_groups)
         for group in self.param_groups:
             group["step"] += 1
         return loss
 
-    def _step_groups(self, groups, skip: Tensor | None) -> None:
+    def _step_groups(self, groups) -> None:
         """Updates ``groups``: the AdamW ones at once, the Mano ones in lockstep (one all-reduce
-        of statistics per process group and round). ``skip`` gates every update on the device."""
+        of statistics per process group and round), all gated on the device by the skip flag.
+
+        The compiled batches' first segments run before the decision (they only sum): their
+        sums are those matrices' non-finite check (``fused_driver.first_statistics``), so only
+        the other gradients are read for it; the verdicts meet in one flag all-reduce."""
         fused = self._fused_active()
-        matrix_steps, batches = [], []
+        checks = self.nonfinite != "ignore"
+        batches, others = [], []
         for group in groups:
+            if group["algorithm"] == "mano" and fused and self._fusable(group):
+                matrices = self._matrices(group, self._with_grads(group))
+                batches.extend(make_batches(group, matrices, group["lr"], reduced_axis(group), checks))
+            else:
+                others.append(group)
+        skip = None
+        if checks:
+            found = first_statistics(batches, self._compiler, self._all_reduce)
+            skip = self._skip_flag(found, [local(p.grad) for group in others for p in self._with_grads(group)])
+        matrix_steps = []
+        for group in others:
             lr = skip_gate(group["lr"], skip)
             if group["algorithm"] != "mano":
                 self._adamw_group(group, lr, skip, fused)
-            elif fused and self._fusable(group):
-                matrices = self._matrices(group, self._with_grads(group))
-                batches.extend(make_batches(group, matrices, lr, reduced_axis(group)))
             else:
                 matrix_steps.extend(self._mano_group(group, lr, skip))
         run_lockstep(matrix_steps, self._all_reduce)
@@ -411,28 +424,34 @@ class Mano(Optimizer):
         return [(gi, pi, local(p.grad)) for gi, group in enumerate(self.param_groups)
                 for pi, p in enumerate(group["params"]) if p.grad is not None]
 
-    def _found_nonfinite(self) -> Tensor:
+    def _found_nonfinite(self, found: Tensor | None = None, grads: list[Tensor] | None = None) -> Tensor:
         """A 0-d bool tensor on the params' device: does any gradient, on any rank sharing the
-        params, hold an inf or nan? One read of every gradient, no host read; when params are
-        sharded, one 4-byte all-reduce so all ranks decide alike."""
-        grads = [g for _, _, g in self._local_grads()]
+        params, hold an inf or nan? One read of ``grads`` (default: every local gradient),
+        together with ``found``, a verdict already reached on the others; no host read; when
+        params are sharded, one 4-byte all-reduce so all ranks decide alike."""
+        grads = [g for _, _, g in self._local_grads()] if grads is None else grads
         device = self._state_device()
         nonempty = [g for g in grads if g.numel()]
-        if not nonempty:
-            bad = torch.zeros((), device=device)
-        elif self._fused_active():
-            bad = self._compiler(fused_step.flag_key(nonempty), any_nonfinite, nonempty).to(device)
-        else:
-            bad = any_nonfinite(nonempty).to(device)
+        verdicts = [] if found is None else [found]
+        if nonempty and self._fused_active():
+            verdicts.append(self._compiler(fused_step.flag_key(nonempty), any_nonfinite, nonempty))
+        elif nonempty:
+            verdicts.append(any_nonfinite(nonempty))
+        bad = torch.zeros((), device=device) if not verdicts else verdicts[0]
+        if len(verdicts) == 2:
+            bad = torch.maximum(bad, verdicts[1].to(bad.device))
+        if bad.device != device:
+            bad = bad.to(device)
         if self._shares_params_across_ranks() and dist.is_available() and dist.is_initialized():
             all_reduce_on_device(bad, self.process_group, op=dist.ReduceOp.MAX)
         return bad > 0
 
-    def _skip_flag(self) -> Tensor | None:
-        """The device-side skip decision of this step (None with ``nonfinite="ignore"``)."""
+    def _skip_flag(self, found: Tensor | None = None, grads: list[Tensor] | None = None) -> Tensor | None:
+        """The device-side skip decision of this step (None with ``nonfinite="ignore"``);
+        ``found`` and ``grads`` as for :meth:`_found_nonfinite`."""
         if self.nonfinite == "ignore":
             return None
-        skip = self._found_nonfinite()
+        skip = self._found_nonfinite(found, grads)
         if self.nonfinite == "raise":
             if not holds_no_values(skip) and skip.item():  # the one host read "raise" costs
                 self._raise_nonfinite()

@@ -57,7 +57,10 @@ def _fused_vs_eager(rank, world_size, variants):
             if n in MANO_NAMES:
                 mp, mq = (_full(o.state[t]["momentum_buffer"]) for o, t in ((eager, p), (fused, q)))
                 errors[n + ":momentum"] = ((mq - mp).abs().max() / mp.abs().max().clamp(min=1e-12)).item()
-        out[variant] = {"errors": errors, "comm_equal": comm[False] == comm[True], "comm": comm[True][:2],
+        # The same collectives per step; the fused step all-reduces its first statistics before
+        # the 4-byte flag (they are its check), the eager one after.
+        same = [sorted(a) for a in comm[False]] == [sorted(b) for b in comm[True]]
+        out[variant] = {"errors": errors, "comm_equal": same, "comm": comm[True][:2],
                         "ops": max(ops), "host_reads": host_reads, "unchanged": unchanged,
                         "skipped": (eager.skipped_steps, fused.skipped_steps), "failed": fused._compiler.failed,
                         "params": sum(1 for _ in fused_model.parameters())}
@@ -166,6 +169,68 @@ def test_fused_dispatch_count_does_not_grow_with_matrices():
     few, many = ops_for(1), ops_for(4)
     assert few[1] == many[1] == 0
     assert few[0] <= 2 * 9 and many[0] <= few[0] + 3 * 2, (few, many)  # 36 matrices: 3 more batches
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_fused_statistics_are_the_mano_gradients_check(policy):
+    """The compiled batches' first sums are their matrices' non-finite check: the separate
+    check graph reads only the AdamW gradients (none at all for a Mano-only model), and a nan,
+    an inf where the weight is 0 (inf * 0 = nan in <D,W>) or a -inf in the AdamW gradient each
+    skip the whole step (or raise, naming the param) with every weight, momentum and moment
+    untouched, and no host read under "skip"."""
+    from mano_dist import Mano
+    from mano_dist.dispatch import DispatchCounter
+
+    gen = torch.Generator().manual_seed(0)
+    mano = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 5), (6, 5), (3, 7))]
+    bias = torch.nn.Parameter(torch.randn(5, generator=gen))
+    opt = Mano(mano_params=mano, adamw_params=[bias], lr=0.02, fused=True, nonfinite=policy)
+    only_mano = Mano([torch.nn.Parameter(p.detach().clone()) for p in mano], lr=0.02, fused=True)
+
+    def step(poison=None):
+        for p in [*mano, bias, *only_mano.param_groups[0]["params"]]:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if poison is not None:
+            poison()
+        state = [t.clone() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        before = [p.detach().clone() for p in (*mano, bias)]
+        with DispatchCounter() as dc:
+            try:
+                opt.step()
+                raised = None
+            except FloatingPointError as e:
+                raised = str(e)
+        only_mano.step()
+        after_state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        untouched = all(torch.equal(p.detach(), b) for p, b in zip((*mano, bias), before)) and all(
+            torch.equal(a, b) for a, b in zip(after_state, state))
+        return untouched, raised, dc.host_reads
+
+    reads = 0 if policy == "skip" else 1  # "raise" reads the flag on the host (it must, to raise)
+    for _ in range(2):  # both axes: every graph compiled
+        assert step() == (False, None, reads)
+
+    def zero_weight_inf_grad():
+        with torch.no_grad():
+            mano[2][1, 3] = 0.0
+        mano[2].grad[1, 3] = float("inf")
+
+    poisons = {"param 0 of group 0": lambda: mano[0].grad.view(-1)[7:8].fill_(float("nan")),
+               "param 2 of group 0": zero_weight_inf_grad,
+               "param 0 of group 1": lambda: bias.grad.view(-1)[2:3].fill_(float("-inf"))}
+    for name, poison in poisons.items():
+        untouched, raised, host_reads = step(poison)
+        assert untouched, name
+        if policy == "skip":
+            assert raised is None and host_reads == 0, (name, raised, host_reads)
+        else:
+            assert raised is not None and name in raised, (name, raised)
+    if policy == "skip":
+        assert opt.skipped_steps == 3 and step() == (False, None, reads)
+    flags = [k for k in opt._compiler._compiled if k[0] == "flag"]
+    assert [[sig[0] for sig in k[1]] for k in flags] == [[(5,)]], flags  # only the AdamW gradient
+    assert not any(k[0] == "flag" for k in only_mano._compiler._compiled)
+    assert opt._compiler.failed is None and only_mano._compiler.failed is None
 
 
 def test_batches_put_like_shapes_together_and_merge_the_one_offs():

@@ -119,7 +119,7 @@ class DeepSpeedMano(Mano):
             return part.flat.device
         return super()._state_device()
 
-    def _found_nonfinite(self):
+    def _found_nonfinite(self, found=None, grads=None):
         """Under ZeRO the engine has usually computed this step's global gradient norm (for
         clipping) over every group, all-reduced, before it hands us the first one: a non-finite
         (or DeepSpeed's invalid marker, negative) norm is the skip decision, with no collective
@@ -128,7 +128,7 @@ class DeepSpeedMano(Mano):
         norm = getattr(self._engine_optimizer, "_global_grad_norm", None) if self.zero_stage >= 1 else None
         if torch.is_tensor(norm):
             return (~torch.isfinite(norm) | (norm < 0)).reshape(()).to(self._state_device())
-        return super()._found_nonfinite()
+        return super()._found_nonfinite(found, grads)
 
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
@@ -155,7 +155,7 @@ class DeepSpeedMano(Mano):
             with torch.enable_grad():
                 loss = closure()
         groups = [g for g in self.param_groups if g["params"]]
-        self._step_groups(groups, self._skip_flag())
+        self._step_groups(groups)
         for group in groups:
             if all(self._partitions[id(p)].last_of_group for p in group["params"]):
                 group["step"] += 1
