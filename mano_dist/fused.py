@@ -27,6 +27,7 @@ of float32 products cannot overflow), so they are the check; the later segments 
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
@@ -157,7 +158,8 @@ def segments(variant: str, axis: int, sharded: set[int], device_type: str, check
 
     ``checks``: the step may be skipped for a non-finite gradient. The first reduction then
     ends a segment of its own, which writes nothing: its sums, non-finite exactly when a
-    gradient the matrix reads is, are the matrix's check (``fused_driver.first_statistics``).
+    gradient the matrix reads is (or its W or M, which a finite gradient cannot make so), are
+    the matrix's check (``fused_driver.first_statistics``).
 
     On CPU the reductions also end before the update, in a graph of their own, for two reasons
     in torch 2.13's inductor: its AVX-512 code widens float32 to float64 through memory (no
@@ -183,12 +185,15 @@ def compile_options(device: torch.device, widens: bool) -> dict:
     through a store, a scalar loop and a load, and the statistics pass ran 2.5-4x slower than
     the same code built for AVX2 (2048 x 5504, 3 sums: 8.9 -> 3.6 ms; a float32-only pass is
     memory-bound either way). GPUs compile Triton and take no options."""
-    if device.type != "cpu" or not widens:
-        return {}
+    return {"cpp.simdlen": 256} if device.type == "cpu" and widens and _cpu_is_avx512() else {}
+
+
+@functools.cache
+def _cpu_is_avx512() -> bool:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()
-    return {"cpp.simdlen": 256} if isa and isa.bit_width() == 512 and "avx512" in str(isa) else {}
+    return bool(isa) and isa.bit_width() == 512 and "avx512" in str(isa)
 
 
 # ------------------------------------------------------------------------------ compilation
@@ -201,8 +206,9 @@ def _own_code(fn: Callable, tag: str) -> Callable:
 
 
 class Compiler:
-    """Compiled callables by key, and the fallback: if compiling fails once, warn once and
-    report it, so the optimizer takes its eager path from then on."""
+    """Compiled callables by key, and the fallback: if compiling fails once, warn once, report
+    it (``failed``) and run every function uncompiled from then on: the same code, so the
+    same collectives as the processes that compiled."""
 
     def __init__(self):
         self._compiled: dict[tuple, Callable] = {}
@@ -225,10 +231,10 @@ class Compiler:
             return compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: warn once, keep training
             # Compiling precedes running, so the failed call wrote nothing: it runs the same
-            # code eagerly now (this step stays whole), and the optimizer's eager path next time.
+            # code eagerly now (this step stays whole), and so does every later call.
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(f"mano_dist: Mano(fused=True) could not compile its step ({self.failed}); "
-                          "using the eager step from now on", stacklevel=3)
+                          "running the same steps uncompiled from now on", stacklevel=3)
             return fn(*args)
 
     def __len__(self) -> int:

@@ -328,9 +328,11 @@ class Mano(Optimizer):
         run_batches(batches, skip, self._compiler, self._all_reduce)
 
     def _fused_active(self) -> bool:
-        """Whether this step takes the compiled path (see ``fused`` in the class docstring)."""
-        if self._compiler.failed is not None:
-            return False
+        """Whether this step takes the compiled path (see ``fused`` in the class docstring).
+
+        Still so after compiling failed (the compiler then runs the same segments eagerly): the
+        eager path issues its collectives in another order (the non-finite flag first), and a
+        rank whose compile failed alone (its local shapes differ) must keep its peers' order."""
         if self.fused is not None:
             return bool(self.fused)
         return self._state_device().type not in ("cpu", "meta")
@@ -479,4 +481,5 @@ class Mano(Optimizer):
                 name = self.param_groups[gi].get("param_names", [None] * (pi + 1))[pi]
                 label = f"'{name}'" if name else f"param {pi} of group {gi}"
                 raise FloatingPointError(f"Non-finite gradient in {label} (shape {tuple(p.shape)}); nothing was updated")
-        raise FloatingPointError("Non-finite gradient on another rank; nothing was updated")
+        raise FloatingPointError("Non-finite gradient on another rank (or, with fused=True, a non-finite "
+                                 "Mano weight or momentum buffer); nothing was updated")

@@ -92,6 +92,55 @@ def test_fused_equals_eager(tmp_path, world_size):
     _check(run_distributed(_fused_vs_eager, world_size, tmp_path, ("v1", "v2", "both"), timeout=900))
 
 
+def _one_rank_cannot_compile(rank, world_size):
+    """Rank 1's compiler fails at once; the others compile. Returns each rank's collectives per
+    step, in order, and the fused weights' largest error against the eager step's."""
+    import warnings
+
+    from mano_dist import CollectiveCounter, Mano, mano_param_groups
+
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise RuntimeError("no compiler on this rank")
+
+        torch.compile = lambda fn, **kw: broken  # this child process only
+    models, opts = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        models.append(_shard(Net(), "fsdp", world_size))
+        opts.append(Mano(mano_param_groups(models[-1]), variant="v2", fused=fused, **HP))
+    comm = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(4):
+            x = torch.randint(0, 11, (8, 4), generator=torch.Generator().manual_seed(step))
+            models[0](x).pow(2).mean().backward()
+            for p, q in zip(models[0].parameters(), models[1].parameters()):
+                q.grad = p.grad.detach().clone()
+            opts[0].step()
+            with CollectiveCounter() as cc:
+                opts[1].step()
+            comm.append([(c.kind, c.payload_bytes) for c in cc.calls])
+            for o in opts:
+                o.zero_grad()
+    error = max(((_full(q.detach()) - _full(p.detach())).abs().max() / _full(p.detach()).abs().max()).item()
+                for p, q in zip(models[0].parameters(), models[1].parameters()))
+    return {"comm": comm, "error": error, "failed": opts[1]._compiler.failed}
+
+
+@pytest.mark.distributed
+def test_a_rank_that_cannot_compile_keeps_its_peers_collectives(tmp_path):
+    """Compiling can fail on one rank only (its local shapes differ). That rank then runs the
+    same segments uncompiled, not the eager path (whose non-finite flag comes before the
+    statistics): every rank issues the same collectives in the same order, and the step still
+    equals the eager one."""
+    results = run_distributed(_one_rank_cannot_compile, 2, tmp_path, timeout=300)
+    assert results[0]["failed"] is None and "no compiler on this rank" in results[1]["failed"]
+    assert results[0]["comm"] == results[1]["comm"], [r["comm"] for r in results]
+    assert [k for k, _ in results[0]["comm"][0]] == ["all_reduce"] * len(results[0]["comm"][0])
+    assert all(r["error"] <= 1e-6 for r in results), [r["error"] for r in results]
+
+
 @pytest.mark.parametrize("groups_and_rest", [(0, 0), (0, 5), (2, -1), (2, 0), (2, 6), (3, 0)])
 def test_column_sums_over_row_groups_equal_the_plain_sums(groups_and_rest):
     """``product_sums`` with row groups (the CPU column sums): the float64 sums of the exact
@@ -172,7 +221,8 @@ def test_fused_dispatch_count_does_not_grow_with_matrices():
 
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_fused_statistics_are_the_mano_gradients_check(policy):
+@pytest.mark.parametrize("variant", ["v2", "both"])  # "both" first sums <D,W> only: inf * 0 = nan
+def test_fused_statistics_are_the_mano_gradients_check(variant, policy):
     """The compiled batches' first sums are their matrices' non-finite check: the separate
     check graph reads only the AdamW gradients (none at all for a Mano-only model), and a nan,
     an inf where the weight is 0 (inf * 0 = nan in <D,W>) or a -inf in the AdamW gradient each
@@ -184,8 +234,8 @@ def test_fused_statistics_are_the_mano_gradients_check(policy):
     gen = torch.Generator().manual_seed(0)
     mano = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 5), (6, 5), (3, 7))]
     bias = torch.nn.Parameter(torch.randn(5, generator=gen))
-    opt = Mano(mano_params=mano, adamw_params=[bias], lr=0.02, fused=True, nonfinite=policy)
-    only_mano = Mano([torch.nn.Parameter(p.detach().clone()) for p in mano], lr=0.02, fused=True)
+    opt = Mano(mano_params=mano, adamw_params=[bias], lr=0.02, variant=variant, fused=True, nonfinite=policy)
+    only_mano = Mano([torch.nn.Parameter(p.detach().clone()) for p in mano], lr=0.02, variant=variant, fused=True)
 
     def step(poison=None):
         for p in [*mano, bias, *only_mano.param_groups[0]["params"]]:
@@ -261,8 +311,8 @@ def test_batches_put_like_shapes_together_and_merge_the_one_offs():
 
 
 def test_fused_fallback_warns_once_and_stays_correct(monkeypatch):
-    """A compiler failure: one warning, the step still happens (eagerly), and later steps
-    take the eager path."""
+    """A compiler failure: one warning, the step still happens (eagerly), and later steps run
+    the same segments uncompiled (same collectives as peers that compiled; see above)."""
     import warnings
 
     from mano_dist import Mano
@@ -285,5 +335,6 @@ def test_fused_fallback_warns_once_and_stays_correct(monkeypatch):
             eager.step()
     messages = [str(w.message) for w in caught if "could not compile" in str(w.message)]
     assert len(messages) == 1 and "no compiler here" in messages[0]
+    assert fused._fused_active() and fused._compiler.failed is not None
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
