@@ -93,18 +93,15 @@ def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = Fals
     return batches
 
 
-def first_statistics(batches: list[Batch], compiler: Compiler, all_reduce) -> Tensor | None:
+def first_statistics(batches: list[Batch], compiler: Compiler, all_reduce) -> list[Tensor]:
     """Runs every batch's first segment (made by ``make_batches(..., checks=True)``: statistics
-    only, nothing written), ungated, and returns whether any of those sums is non-finite on
-    this process: a 0-d float, 1 or 0, on the device (None without batches). Each matrix's
-    first sums read all of its gradient, and one inf or nan in it makes them non-finite, so
-    this is the batches' non-finite check, without a pass of its own. The caller all-reduces
-    it with the other checks."""
+    only, nothing written), ungated, and returns its verdicts: per batch a 0-d float on the
+    device, 1 if any of those sums is non-finite on this process, else 0. Each matrix's first
+    sums read all of its gradient, and one inf or nan in it makes them non-finite, so these are
+    the batches' non-finite check, without a pass of its own. The caller combines and
+    all-reduces them with the other checks."""
     assert all(b.specs[0].check for b in batches), "make_batches(..., checks=True) first"
-    verdicts = _run_round(batches, None, compiler, all_reduce)
-    if len(verdicts) < 2:
-        return verdicts[0] if verdicts else None
-    return torch.stack(verdicts).amax()
+    return _run_round(batches, None, compiler, all_reduce)
 
 
 def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, all_reduce) -> None:

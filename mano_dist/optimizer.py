@@ -426,29 +426,30 @@ class Mano(Optimizer):
         return [(gi, pi, local(p.grad)) for gi, group in enumerate(self.param_groups)
                 for pi, p in enumerate(group["params"]) if p.grad is not None]
 
-    def _found_nonfinite(self, found: Tensor | None = None, grads: list[Tensor] | None = None) -> Tensor:
+    def _found_nonfinite(self, found: list[Tensor] = (), grads: list[Tensor] | None = None) -> Tensor:
         """A 0-d bool tensor on the params' device: does any gradient, on any rank sharing the
         params, hold an inf or nan? One read of ``grads`` (default: every local gradient),
-        together with ``found``, a verdict already reached on the others; no host read; when
-        params are sharded, one 4-byte all-reduce so all ranks decide alike."""
+        together with ``found``, verdicts (0-d floats, 1 or 0) already reached on the others;
+        no host read; when params are sharded, one 4-byte all-reduce so all ranks decide alike."""
         grads = [g for _, _, g in self._local_grads()] if grads is None else grads
         device = self._state_device()
         nonempty = [g for g in grads if g.numel()]
-        verdicts = [] if found is None else [found]
+        verdicts = list(found)
         if nonempty and self._fused_active():
             verdicts.append(self._compiler(fused_step.flag_key(nonempty), any_nonfinite, nonempty))
         elif nonempty:
             verdicts.append(any_nonfinite(nonempty))
-        bad = torch.zeros((), device=device) if not verdicts else verdicts[0]
-        if len(verdicts) == 2:
-            bad = torch.maximum(bad, verdicts[1].to(bad.device))
+        if not verdicts:
+            bad = torch.zeros((), device=device)
+        else:
+            bad = verdicts[0] if len(verdicts) == 1 else torch.stack([v.to(device) for v in verdicts]).amax()
         if bad.device != device:
             bad = bad.to(device)
         if self._shares_params_across_ranks() and dist.is_available() and dist.is_initialized():
             all_reduce_on_device(bad, self.process_group, op=dist.ReduceOp.MAX)
         return bad > 0
 
-    def _skip_flag(self, found: Tensor | None = None, grads: list[Tensor] | None = None) -> Tensor | None:
+    def _skip_flag(self, found: list[Tensor] = (), grads: list[Tensor] | None = None) -> Tensor | None:
         """The device-side skip decision of this step (None with ``nonfinite="ignore"``);
         ``found`` and ``grads`` as for :meth:`_found_nonfinite`."""
         if self.nonfinite == "ignore":

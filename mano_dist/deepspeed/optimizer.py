@@ -119,7 +119,7 @@ class DeepSpeedMano(Mano):
             return part.flat.device
         return super()._state_device()
 
-    def _found_nonfinite(self, found=None, grads=None):
+    def _found_nonfinite(self, found=(), grads=None):
         """Under ZeRO the engine has usually computed this step's global gradient norm (for
         clipping) over every group, all-reduced, before it hands us the first one: a non-finite
         (or DeepSpeed's invalid marker, negative) norm is the skip decision, with no collective
