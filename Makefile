@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-mini test test-fast bench bench-step bench-comm bench-memory bench-e2e bench-ds bench-checkpoint bench-gpu compare plan clean
+.PHONY: setup demo demo-mini test test-fast bench bench-step bench-kernels bench-comm bench-memory bench-e2e bench-ds bench-checkpoint bench-gpu compare plan clean
 
 $(VENV)/.installed: pyproject.toml launch/setup_env.sh
 	VENV=$(VENV) bash launch/setup_env.sh
@@ -27,12 +27,17 @@ test-fast: $(VENV)/.installed
 
 # Every benchmark figure in docs/benchmarks.md, each a ratio measured within one command;
 # outputs also land in runs/bench/.
-bench: bench-step bench-comm bench-memory bench-ds bench-e2e bench-checkpoint
+bench: bench-step bench-kernels bench-comm bench-memory bench-ds bench-e2e bench-checkpoint
 
 bench-step: $(VENV)/.installed
 	@mkdir -p runs/bench
 	$(PY) -m mano_dist.bench step --model 1.3b --layers 4 | tee runs/bench/step_1.3b.txt
 	$(PY) -m mano_dist.bench step --model 130m | tee runs/bench/step_130m.txt
+
+# The kernels a GPU would run per step (inductor's Triton scheduling, no GPU needed): counts, not times.
+bench-kernels: $(VENV)/.installed
+	@mkdir -p runs/bench
+	$(PY) -m mano_dist.bench kernels --model 1.3b | tee runs/bench/kernels_1.3b.txt
 
 bench-memory: $(VENV)/.installed
 	@mkdir -p runs/bench

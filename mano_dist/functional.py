@@ -39,15 +39,23 @@ COLUMN_GROUP_ROWS = 16
 
 
 def product_sums(pairs: Sequence[tuple[Tensor, Tensor]], axis: int, group_rows: int = 0) -> Tensor:
-    """(len(pairs), slices): the sums along ``axis`` of the exact products x * y, in
+    """(len(pairs), slices): :func:`product_sum_list` stacked."""
+    return torch.stack(product_sum_list(pairs, axis, group_rows))
+
+
+def product_sum_list(pairs: Sequence[tuple[Tensor, Tensor]], axis: int, group_rows: int = 0) -> list[Tensor]:
+    """Per pair, the (slices,) sums along ``axis`` of the exact products x * y, in
     :data:`STATS_DTYPE`, for code that ``torch.compile`` fuses into one pass over the operands.
+    Unstacked, so that a compiled step that uses them at once keeps them in registers: a
+    stack is a buffer the sums must be written to first (on a GPU it would split a row step's
+    one kernel into three).
 
     ``group_rows`` > 0 sums a column (axis 0) over groups of that many rows first (see
     :data:`COLUMN_GROUP_ROWS`); the remainder rows are added after."""
     wide = lambda t: t.to(STATS_DTYPE)  # noqa: E731 - widened after viewing (views of a copy do not trace)
     rows = pairs[0][0].shape[0]
     if axis == 1 or group_rows <= 0 or rows < 2 * group_rows:
-        return torch.stack([(wide(x) * wide(y)).sum(axis) for x, y in pairs])
+        return [(wide(x) * wide(y)).sum(axis) for x, y in pairs]
     whole = rows - rows % group_rows
 
     def column_total(x: Tensor, y: Tensor) -> Tensor:
@@ -55,7 +63,7 @@ def product_sums(pairs: Sequence[tuple[Tensor, Tensor]], axis: int, group_rows: 
         total = (xg * yg).sum(1).sum(0)
         return total + (wide(x[whole:]) * wide(y[whole:])).sum(0) if whole < rows else total
 
-    return torch.stack([column_total(x, y) for x, y in pairs])
+    return [column_total(x, y) for x, y in pairs]
 
 
 @dataclass
@@ -87,9 +95,12 @@ def momentum_directions(
     if not bufs:
         return []
     mu = momentum
-    if skip is not None:
-        for g in grads:
-            g.masked_fill_(skip, 0.0)
+    if skip is not None:  # zeroed so that a non-finite gradient leaves the moments finite
+        if torch.compiler.is_compiling():  # a select the kernel fuses: no write of the gradients
+            grads = [torch.where(skip, 0.0, g) for g in grads]
+        else:
+            for g in grads:
+                g.masked_fill_(skip, 0.0)
         mu = torch.full((), momentum, dtype=bufs[0].dtype, device=skip.device).masked_fill_(skip, 1.0)
     for g, m in zip(grads, bufs):  # one fused pass per tensor (mul_ then add_ would be two)
         if skip is None:
@@ -256,9 +267,12 @@ def adamw_step(
     if not params:
         return
     keep = 1.0 if skip is None else (~skip).to(exp_avgs[0].dtype)
-    if skip is not None:
-        for g in grads:
-            g.masked_fill_(skip, 0.0)
+    if skip is not None:  # zeroed so that a non-finite gradient leaves the moments finite
+        if torch.compiler.is_compiling():  # a select the kernel fuses: no write of the gradients
+            grads = [torch.where(skip, 0.0, g) for g in grads]
+        else:
+            for g in grads:
+                g.masked_fill_(skip, 0.0)
         lr = skip_gate(lr, skip) if not torch.is_tensor(lr) else lr
     torch._foreach_add_(steps, keep if not torch.is_tensor(keep) else [keep] * len(steps))  # a list: no .item()
     # m <- m + (1 - b1) (g - m), v <- v + (1 - b2) (g^2 - v): lerp, with the weights gated by keep.

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .functional import COLUMN_GROUP_ROWS, adamw_step, product_sums, projected_coefficients
+from .functional import COLUMN_GROUP_ROWS, adamw_step, product_sum_list, projected_coefficients
 from .lockstep import holds_no_values
 
 
@@ -85,11 +85,11 @@ def _stage(spec: "SegmentSpec", i: int, w: Tensor, d: Tensor, factors: list[Tens
     """This process's partial sums of reduction ``i``, given the per-slice factors before it.
     Column sums on CPU go over groups of rows first; inductor's GPU reductions tile their own."""
     ax = stage_axes(spec.variant, spec.axis)[i]
-    group_rows = COLUMN_GROUP_ROWS if w.device.type == "cpu" else 0
+    group_rows = COLUMN_GROUP_ROWS if spec.device_type == "cpu" else 0
     if spec.variant != "both":
-        return product_sums([(d, w), (d, d), (w, w)], ax, group_rows)
+        return product_sum_list([(d, w), (d, d), (w, w)], ax, group_rows)
     u = _both_u(w, d, factors, spec.axis)
-    return product_sums([(u, w if i < 2 else u)], ax, group_rows)
+    return product_sum_list([(u, w if i < 2 else u)], ax, group_rows)
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ class SegmentSpec:
     stop: int
     final: bool
     check: bool = False  # also return whether the sums are non-finite (see ``segments``)
+    device_type: str = "cpu"  # what the segments are planned for: the matrices' device (a plan
+    # for another is only for ``mano_dist.bench.kernels``, which schedules CUDA's kernels on CPU)
 
 
 def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: SegmentSpec) -> tuple[list, list, Tensor | None]:
@@ -131,7 +133,8 @@ def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: Segme
         factors = [_both_factor(i, k, spec.eps, W.dtype) for i, k in enumerate(known)] if both else []
         for i in range(spec.start, spec.stop):
             known.append(_stage(spec, i, W, d, factors))
-            sums[i - spec.start].append(known[-1].reshape(-1))
+            if not spec.final:
+                sums[i - spec.start].extend(known[-1])  # (stats, slices) flattened: s_1, s_2, ...
             if both and (spec.final or i < spec.stop - 1):  # not from this process's partial sums
                 factors.append(_both_factor(i, known[-1], spec.eps, W.dtype))
         if spec.final:
@@ -159,23 +162,37 @@ def segments(variant: str, axis: int, sharded: set[int], device_type: str, check
     ``checks``: the step may be skipped for a non-finite gradient. The first reduction then
     ends a segment of its own, which writes nothing: its sums, non-finite exactly when a
     gradient the matrix reads is (or its W or M, which a finite gradient cannot make so), are
-    the matrix's check (``fused_driver.first_statistics``).
+    the matrix's check (``fused_driver.first_statistics``). Except where the whole step is one
+    kernel (:func:`one_kernel_step`): a cut would make it two passes over G, M and W (12 bytes
+    per element read again), so those gradients are read by the flag's check (4 bytes).
 
     On CPU the reductions also end before the update, in a graph of their own, for two reasons
     in torch 2.13's inductor: its AVX-512 code widens float32 to float64 through memory (no
     vectorised conversion), so the statistics compile for AVX2 (:func:`compile_options`) while
-    the update keeps AVX-512; and its C++ outer-loop fusion fails on a graph that reduces along
-    both axes and then writes W and M in place ("both": ``KeyError`` in
-    ``is_all_write_read_contiguous``, pytorch/pytorch#188228, #196570). The update's graph reads
-    the sums from the statistics' graph: a few bytes per slice, no collective."""
+    the update keeps AVX-512; and its C++ outer-loop fusion of a reduction with in-place writes
+    fails (``KeyError`` in ``is_all_write_read_contiguous``, which looks up the read of a
+    buffer in the node that only waits for it, a "weak" user; pytorch/pytorch#188228, #196570).
+    The update's graph reads the sums from the statistics' graph: a few bytes per slice, no
+    collective."""
     axes = stage_axes(variant, axis)
+    check_cut = checks and not one_kernel_step(variant, axis, sharded, device_type)
     out, start = [], 0
     for i, ax in enumerate(axes):
-        if ax in sharded or (checks and i == 0) or (device_type == "cpu" and i == len(axes) - 1):
+        if ax in sharded or (check_cut and i == 0) or (device_type == "cpu" and i == len(axes) - 1):
             out.append((start, i + 1, False))
             start = i + 1
     out.append((start, len(axes), True))
     return out
+
+
+def one_kernel_step(variant: str, axis: int, sharded: set[int], device_type: str) -> bool:
+    """Whether inductor makes the whole step of such a matrix one kernel: on a GPU (Triton) a
+    v1/v2 step that sums rows it holds whole (axis 1, not sharded: FSDP2's every other step).
+    Each program then sums its rows and updates them, reading them a second time while they
+    are likely still in cache; a column sum (axis 0) is a kernel of its own, and so is every
+    step on CPU (see :func:`segments`). ``tests/test_triton_plan.py`` checks the kernel counts
+    with inductor's Triton scheduler, which runs without a GPU."""
+    return device_type != "cpu" and variant != "both" and axis == 1 and axis not in sharded
 
 
 def compile_options(device: torch.device, widens: bool) -> dict:

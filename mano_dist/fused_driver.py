@@ -68,16 +68,19 @@ def _chunks(members: list) -> list[list]:
     return full + [rest[i : i + BATCH_MATRICES] for i in range(0, len(rest), BATCH_MATRICES)]
 
 
-def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = False) -> list[Batch]:
+def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = False,
+                 device_type: str | None = None) -> list[Batch]:
     """``matrices``: (weight, grad, momentum, layout) local views of one param group; ``lr`` not
     gated by the skip (the final segments select W back); ``checks``: the step may be skipped
-    (see :func:`first_statistics`)."""
+    (see :func:`first_statistics`); ``device_type``: plan the segments for it, not for the
+    matrices' device (``mano_dist.bench.kernels``)."""
     by_key: dict[tuple, list] = {}
     for w, g, m, lay in matrices:
         by_key.setdefault(batch_key(w, g, m, lay), []).append((w, g, m, lay))
     batches, lrs = [], {}
     for members in (chunk for ms in by_key.values() for chunk in _chunks(ms)):
         lay, device = members[0][3], members[0][0].device
+        planned = device_type or device.type
         if device not in lrs:  # one tensor per group and device, shared by its batches
             lrs[device] = lr_tensor(lr, device)
         sharded = {ax for ax in (0, 1) if lay.reduce_groups(ax)}
@@ -85,8 +88,8 @@ def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = Fals
         specs = [
             SegmentSpec(group["variant"], axis, float(group["momentum"]), bool(group["nesterov"]),
                         float(group["weight_decay"]), float(group["eps"]), scales, start, stop, final,
-                        check=checks and start == 0)
-            for start, stop, final in segments(group["variant"], axis, sharded, device.type, checks)
+                        check=checks and start == 0 and not final, device_type=planned)
+            for start, stop, final in segments(group["variant"], axis, sharded, planned, checks)
         ]
         batches.append(Batch(lay, [x[0] for x in members], [x[1] for x in members], [x[2] for x in members],
                              specs, lrs[device], [[] for _ in members]))
@@ -94,14 +97,20 @@ def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = Fals
 
 
 def first_statistics(batches: list[Batch], compiler: Compiler, all_reduce) -> list[Tensor]:
-    """Runs every batch's first segment (made by ``make_batches(..., checks=True)``: statistics
-    only, nothing written), ungated, and returns its verdicts: per batch a 0-d float on the
-    device, 1 if any of those sums is non-finite on this process, else 0. Each matrix's first
-    sums read all of its gradient, and one inf or nan in it makes them non-finite, so these are
-    the batches' non-finite check, without a pass of its own. The caller combines and
-    all-reduces them with the other checks."""
-    assert all(b.specs[0].check for b in batches), "make_batches(..., checks=True) first"
-    return _run_round(batches, None, compiler, all_reduce)
+    """Runs the first segment of every batch that checks its statistics (``make_batches(...,
+    checks=True)``: statistics only, nothing written), ungated, and returns their verdicts: per
+    batch a 0-d float on the device, 1 if any of those sums is non-finite on this process, else
+    0. Each matrix's first sums read all of its gradient, and one inf or nan in it makes them
+    non-finite, so these are the batches' non-finite check, without a pass of its own. The
+    caller combines and all-reduces them with the other checks, which read the gradients of
+    the batches that do not check their own (:func:`unchecked_gradients`)."""
+    return _run_round([b for b in batches if b.specs[0].check], None, compiler, all_reduce)
+
+
+def unchecked_gradients(batches: list[Batch]) -> list[Tensor]:
+    """The gradients of the batches whose step is one kernel (``fused.one_kernel_step``): no
+    statistics precede their update, so the flag's check reads them."""
+    return [g for b in batches if not b.specs[0].check for g in b.gs]
 
 
 def run_batches(batches: list[Batch], skip: Tensor | None, compiler: Compiler, all_reduce) -> None:

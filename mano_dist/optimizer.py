@@ -15,7 +15,7 @@ from . import fused as fused_step
 from .adamw_fallback import adamw_group_step, adamw_hyper, adamw_state, adamw_tensors, momentum_state
 from .dtensors import is_dtensor, local
 from .functional import VARIANTS, any_nonfinite, mano_matrix_step, momentum_directions, nonfinite_flags, skip_gate
-from .fused_driver import first_statistics, make_batches, run_batches
+from .fused_driver import first_statistics, make_batches, run_batches, unchecked_gradients
 from .layouts import check_splits, layout_for, split_rows
 from .lockstep import all_reduce_on_device, default_all_reduce, holds_no_values, run_lockstep
 
@@ -303,7 +303,8 @@ class Mano(Optimizer):
 
         The compiled batches' first segments run before the decision (they only sum): their
         sums are those matrices' non-finite check (``fused_driver.first_statistics``), so only
-        the other gradients are read for it; the verdicts meet in one flag all-reduce."""
+        the other gradients (and those of batches whose whole step is one kernel) are read for
+        it; the verdicts meet in one flag all-reduce."""
         fused = self._fused_active()
         checks = self.nonfinite != "ignore"
         batches, others = [], []
@@ -316,7 +317,8 @@ class Mano(Optimizer):
         skip = None
         if checks:
             found = first_statistics(batches, self._compiler, self._all_reduce)
-            skip = self._skip_flag(found, [local(p.grad) for group in others for p in self._with_grads(group)])
+            grads = [local(p.grad) for group in others for p in self._with_grads(group)]
+            skip = self._skip_flag(found, unchecked_gradients(batches) + grads)
         matrix_steps = []
         for group in others:
             lr = skip_gate(group["lr"], skip)

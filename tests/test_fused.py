@@ -15,7 +15,7 @@ INF_STEP = 4
 HP = dict(lr=0.02, momentum=0.9, weight_decay=0.1, eps=1e-8)
 
 
-def _fused_vs_eager(rank, world_size, variants):
+def _fused_vs_eager(rank, world_size, variants, inf_step=INF_STEP):
     from mano_dist import CollectiveCounter, Mano, mano_param_groups
     from mano_dist.dispatch import DispatchCounter
 
@@ -35,7 +35,7 @@ def _fused_vs_eager(rank, world_size, variants):
             eager_model(x).pow(2).mean().backward()
             for (_, p), (_, q) in zip(eager_model.named_parameters(), fused_model.named_parameters()):
                 q.grad = p.grad.detach().clone()
-            if step == INF_STEP and rank == world_size - 1:  # an inf on the last rank only
+            if step == inf_step and rank == world_size - 1:  # an inf on the last rank only
                 for m in (eager_model, fused_model):
                     g = m.w3.weight.grad
                     (g.to_local() if hasattr(g, "to_local") else g).view(-1)[-1:] = float("inf")
@@ -48,7 +48,7 @@ def _fused_vs_eager(rank, world_size, variants):
                     ops.append(dc.ops)
                     host_reads.append(dc.host_read_sites)
                 opt.zero_grad()
-            if step == INF_STEP:
+            if step == inf_step:
                 unchanged.append(all(torch.equal(p.detach(), b) for p, b in zip(fused_model.parameters(), before)))
         errors = {}
         for (n, p), (_, q) in zip(eager_model.named_parameters(), fused_model.named_parameters()):
@@ -63,14 +63,18 @@ def _fused_vs_eager(rank, world_size, variants):
         out[variant] = {"errors": errors, "comm_equal": same, "comm": comm[True][:2],
                         "ops": max(ops), "host_reads": host_reads, "unchanged": unchanged,
                         "skipped": (eager.skipped_steps, fused.skipped_steps), "failed": fused._compiler.failed,
+                        # How many gradients the compiled non-finite checks read (AdamW's: 5).
+                        "checked": max(len(k[1]) for k in fused._compiler._compiled if k[0] == "flag"),
                         "params": sum(1 for _ in fused_model.parameters())}
     return out
 
 
-def _check(results):
+def _check(results, mano_checked_by_flag=False):
     for rank, per_variant in enumerate(results):
         for variant, r in per_variant.items():
             assert r["failed"] is None, r["failed"]
+            # Net's 5 AdamW gradients; on a GPU plan also the row steps' Mano ones (3 or 4 non-empty).
+            assert (r["checked"] > 5) if mano_checked_by_flag else (r["checked"] <= 5), (rank, variant, r["checked"])
             # v1 on the 1-row w4 is ill-conditioned by construction (T = 0 up to rounding,
             # amplified by 1/eps; docs/optimizer.md): float32 rounding decides its direction.
             bad = {n: e for n, e in r["errors"].items() if e > 1e-6 and not (variant == "v1" and n.startswith("w4."))}
@@ -90,6 +94,27 @@ def _check(results):
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_fused_equals_eager(tmp_path, world_size):
     _check(run_distributed(_fused_vs_eager, world_size, tmp_path, ("v1", "v2", "both"), timeout=900))
+
+
+def _planned_for_cuda(rank, world_size):
+    """``_fused_vs_eager`` with the batches' segments planned for a GPU (``fused.one_kernel_step``:
+    a row step is one graph, its gradients checked by the flag), compiled here on CPU, and the
+    inf on a row step (5: k = 1), so that the flag's check alone must catch it."""
+    import functools
+
+    import mano_dist.optimizer as optimizer
+
+    optimizer.make_batches = functools.partial(optimizer.make_batches, device_type="cuda")  # this child only
+    return _fused_vs_eager(rank, world_size, ("v1", "v2"), inf_step=INF_STEP + 1)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_gpu_plan_equals_eager(tmp_path, world_size):
+    """The segments a GPU takes (one graph for a row step, which no statistics check before
+    the decision) give the eager step's weights, momentum, collectives and skip, with FSDP2's
+    uneven and empty shards; ``test_kernels.py`` checks that a GPU schedules them as one kernel."""
+    _check(run_distributed(_planned_for_cuda, world_size, tmp_path, timeout=600), mano_checked_by_flag=True)
 
 
 def _one_rank_cannot_compile(rank, world_size):
