@@ -9,9 +9,11 @@ A variant's step is a list of per-slice reductions ("stages"), each along one ax
 - v1/v2: (s_dw, s_dd, s_ww) along k, then W <- W * keep - step * D;
 - both:  <D,W> along 1-k, <U,W> along k, |U|^2 along 1-k, |U|^2 along k, then W <- W decay - c U.
 A segment computes stages up to the first whose axis is sharded and returns that stage's partial
-sums; the driver completes them with lockstep's buckets (one all-reduce per process group and
-round, the same collectives as the eager step) and the next segment starts from the complete
-sums, recomputing D (and U) from W, G, M in registers rather than writing and re-reading them.
+sums, all the batch's matrices' in one flat tensor; the driver completes them with lockstep's
+buckets (one all-reduce per process group and round, the same collectives as the eager step)
+and the next segment starts from the complete sums (their per-slice factors formed for all the
+matrices at once), recomputing D (and U) from W, G, M in registers rather than writing and
+re-reading them.
 The last segment writes M and W. Unsharded matrices take one segment: one pass for row sums.
 Each segment also returns the per-slice factors its passes broadcast (keep/step; "both"'s
 coefficients and norms), so that the compiler computes each once per slice, not per element;
@@ -114,45 +116,81 @@ class SegmentSpec:
 def run_segment(ws, gs, ms, knowns, lr: Tensor, skip: Tensor | None, spec: SegmentSpec) -> tuple[list, list, Tensor | None]:
     """Reductions ``[start, stop)`` of every matrix, then (``final``) the update of M and W in place.
 
-    Returns (sums, factors, verdict). Per reduction, ``sums`` holds the flat sums of all
-    matrices (complete for a local axis; this process's partial ones for the last, sharded,
-    one); none when final. ``verdict`` (with ``spec.check``): a 0-d float, 1 if any of these sums
-    is non-finite, else 0. ``factors`` are the per-slice vectors the later passes broadcast (the update's
-    keep and step, "both"'s coefficients and norms): returned so that inductor writes each one
-    once; inlined, a column's factors (k = 0) would be recomputed, float64 square roots and
-    all, at every element (measured: the k = 0 update 16 -> 9 ms on CPU). The caller drops them."""
-    sums: list[list[Tensor]] = [[] for _ in range(spec.start, spec.stop)]
-    factors_out: list[Tensor] = []
+    ``knowns``: per earlier reduction, the complete sums of all the matrices, flat and
+    statistic-major (each statistic of every matrix in turn, then the next statistic), as this
+    function returns them. Returns (sums, factors, verdict). Per reduction, ``sums`` holds the
+    flat sums of all matrices (complete for a local axis; this process's partial ones for the
+    last, sharded, one); none when final. ``verdict`` (with ``spec.check``): a 0-d float, 1 if
+    any of these sums is non-finite, else 0. ``factors`` are the per-slice vectors the later
+    passes broadcast (the update's keep and step, "both"'s coefficients and norms): returned so
+    that inductor writes each one once; inlined, a column's factors (k = 0) would be
+    recomputed, float64 square roots and all, at every element (measured: the k = 0 update 16
+    -> 9 ms on CPU). Those of the earlier reductions are formed for all matrices at once (one
+    kernel, not one per matrix). The caller drops them."""
     lr = lr.reshape(())
     stats, axes = stage_statistics(spec.variant), stage_axes(spec.variant, spec.axis)
     both = spec.variant == "both"
-    for w, g, m, known, scale in zip(ws, gs, ms, knowns, spec.scales):
+    dtype = _work(ws[0]).dtype if ws else torch.float32
+    decay = 1.0 - lr * spec.weight_decay
+    slices = [[w.shape[1 - ax] for w in ws] for ax in axes]  # per reduction, per matrix
+    complete = [flat.view(stats, -1) for flat in knowns]
+    if both:
+        shared = [_both_factor(i, k, spec.eps, dtype) for i, k in enumerate(complete)]
+    elif spec.final and complete:
+        scales = _per_slice(spec.scales, slices[0], lr)
+        shared = [f.to(dtype) for f in projected_coefficients(complete[0], spec.variant, lr * scales, decay, spec.eps)]
+    else:
+        shared = []
+    sums: list[list[list[Tensor]]] = [[[] for _ in range(stats)] for _ in range(spec.start, spec.stop)]
+    factors_out: list[Tensor] = list(shared)
+    offsets = [0] * len(axes)
+    for j, (w, g, m, scale) in enumerate(zip(ws, gs, ms, spec.scales)):
         W = _work(w)
         d, m_new = _direction(g, m, spec.momentum, spec.nesterov, skip)
-        known = [k.view(stats, w.shape[1 - ax]) for k, ax in zip(known, axes)]  # the driver's sums are flat
-        factors = [_both_factor(i, k, spec.eps, W.dtype) for i, k in enumerate(known)] if both else []
+        mine = [f.narrow(-1, offsets[i], slices[i][j]) for i, f in enumerate(shared)] if both else []
+        own = [c.narrow(-1, offsets[i], slices[i][j]) for i, c in enumerate(complete)]
         for i in range(spec.start, spec.stop):
-            known.append(_stage(spec, i, W, d, factors))
+            own.append(_stage(spec, i, W, d, mine))
             if not spec.final:
-                sums[i - spec.start].extend(known[-1])  # (stats, slices) flattened: s_1, s_2, ...
+                for stat, s in enumerate(own[-1]):
+                    sums[i - spec.start][stat].append(s)
             if both and (spec.final or i < spec.stop - 1):  # not from this process's partial sums
-                factors.append(_both_factor(i, known[-1], spec.eps, W.dtype))
+                mine.append(_both_factor(i, own[-1], spec.eps, W.dtype))
+                factors_out.append(mine[-1])
         if spec.final:
-            decay = 1.0 - lr * spec.weight_decay
             if both:
-                new = W * decay.to(W.dtype) - (lr * scale).to(W.dtype) * _both_u(W, d, factors, spec.axis)
+                new = W * decay.to(W.dtype) - (lr * scale).to(W.dtype) * _both_u(W, d, mine, spec.axis)
             else:
-                keep, step = projected_coefficients(known[0], spec.variant, lr * scale, decay, spec.eps)
-                factors = [keep.to(W.dtype), step.to(W.dtype)]
-                new = W * factors[0].unsqueeze(spec.axis) - factors[1].unsqueeze(spec.axis) * d
+                if spec.start == 0:  # the sums are this segment's: the factors are this matrix's
+                    keep, step = projected_coefficients(own[0], spec.variant, lr * scale, decay, spec.eps)
+                    keep, step = keep.to(W.dtype), step.to(W.dtype)
+                    factors_out.extend((keep, step))
+                else:
+                    keep, step = (f.narrow(-1, offsets[0], slices[0][j]) for f in shared)
+                new = W * keep.unsqueeze(spec.axis) - step.unsqueeze(spec.axis) * d
             m.copy_(m_new)
             # A skipped step's sums may be non-finite (they were formed before the decision).
             w.copy_(new if skip is None else torch.where(skip, W, new))
-        factors_out.extend(factors)
-    flats = [] if spec.final else [torch.cat(flat) for flat in sums]
+        offsets = [o + n[j] for o, n in zip(offsets, slices)]
+    flats = [] if spec.final else [torch.cat([s for stat in stage for s in stat]) for stage in sums]
     # float64 sums of float32 products cannot overflow: their total is non-finite iff one is.
     verdict = (~torch.isfinite(sum(f.sum() for f in flats))).float() if spec.check and flats else None
     return flats, factors_out, verdict
+
+
+def _per_slice(values: tuple[float, ...], counts: list[int], like: Tensor) -> "Tensor | float":
+    """``values[j]`` repeated ``counts[j]`` times (a float if they are all one value), as
+    selects on an index that the compiler fuses into the kernel reading them: no buffer of its
+    own and no host-to-device copy (a ``cat`` of ``full``s is a kernel per piece)."""
+    if len(set(values)) == 1:
+        return values[0]
+    index = torch.arange(sum(counts), device=like.device)
+    out = torch.full((sum(counts),), values[-1], dtype=like.dtype, device=like.device)
+    end = sum(counts)
+    for value, count in zip(reversed(values[:-1]), reversed(counts[1:])):
+        end -= count
+        out = torch.where(index < end, value, out)
+    return out
 
 
 def segments(variant: str, axis: int, sharded: set[int], device_type: str, checks: bool = False
@@ -271,8 +309,8 @@ def _signature(tensors: list[Tensor]) -> tuple:
 
 
 def segment_key(spec: SegmentSpec, ws, gs, ms, knowns, lr, skip) -> tuple:
-    return ("segment", spec, _signature(ws), _signature(gs), _signature(ms),
-            tuple(_signature(k) for k in knowns), lr.dtype, lr.device, skip is None)
+    return ("segment", spec, _signature(ws), _signature(gs), _signature(ms), _signature(knowns),
+            lr.dtype, lr.device, skip is None)
 
 
 def flag_key(grads) -> tuple:

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .functional import SliceSums
-from .fused import (Compiler, SegmentSpec, compile_options, lr_tensor, run_segment, scale_of, segment_key, segments, stage_axes,
-                    stage_statistics)
+from .fused import (Compiler, SegmentSpec, compile_options, lr_tensor, run_segment, scale_of, segment_key, segments,
+                    stage_axes)
 from .lockstep import complete_sums
 
 # Matrices per compiled call. Inductor emits a kernel per matrix either way; a fixed batch size
@@ -40,7 +40,7 @@ class Batch:
     ms: list[Tensor]
     specs: list[SegmentSpec]
     lr: Tensor
-    knowns: list[list[Tensor]] = field(default_factory=list)
+    knowns: list[Tensor] = field(default_factory=list)  # per reduction done, all the matrices' sums
     position: int = 0
 
 
@@ -92,7 +92,7 @@ def make_batches(group: dict, matrices: list, lr, axis: int, checks: bool = Fals
             for start, stop, final in segments(group["variant"], axis, sharded, planned, checks)
         ]
         batches.append(Batch(lay, [x[0] for x in members], [x[1] for x in members], [x[2] for x in members],
-                             specs, lrs[device], [[] for _ in members]))
+                             specs, lrs[device]))
     return batches
 
 
@@ -136,12 +136,6 @@ def _run_round(batches: list[Batch], skip: Tensor | None, compiler: Compiler, al
         if not spec.final:
             requests.append((b, spec, sums[:-1], SliceSums(sums[-1], stage_axes(spec.variant, spec.axis)[spec.stop - 1])))
     complete_sums([(b.layout, r) for b, _, _, r in requests], all_reduce)
-    for b, spec, local, r in requests:
-        axes = stage_axes(spec.variant, spec.axis)[spec.start : spec.stop]
-        stats = stage_statistics(spec.variant)
-        for flat, ax in zip([*local, r.partial], axes):
-            # One split_with_sizes (flat pieces): the compiled segments view them as (stats, slices).
-            sizes = [stats * w.shape[1 - ax] for w in b.ws]
-            for known, s in zip(b.knowns, flat.split(sizes)):
-                known.append(s)
+    for b, _, local, r in requests:
+        b.knowns.extend([*local, r.partial])  # flat, as the next segment reads them
     return verdicts

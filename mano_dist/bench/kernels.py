@@ -124,8 +124,8 @@ def step_plans(variant: str, axis: int, shape: tuple[int, int], sharded: tuple[i
     stats = fused.stage_statistics(variant)
     plans = []
     for spec in batch.specs:
-        knowns = [[torch.zeros(stats * w.shape[1 - ax], dtype=STATS_DTYPE) for ax in axes[: spec.start]]
-                  for w in batch.ws]
+        knowns = [torch.zeros(stats * sum(w.shape[1 - ax] for w in batch.ws), dtype=STATS_DTYPE)
+                  for ax in axes[: spec.start]]
         # As the driver runs them: the checking segment before the decision, the rest gated.
         skip = torch.zeros((), dtype=torch.bool) if checks and not spec.check else None
         kernels = scheduled_kernels(fused.run_segment, batch.ws, batch.gs, batch.ms, knowns, batch.lr, skip, spec)
