@@ -207,9 +207,10 @@ def segments(variant: str, axis: int, sharded: set[int], device_type: str, check
     On CPU the reductions also end before the update, in a graph of their own, for two reasons
     in torch 2.13's inductor: its AVX-512 code widens float32 to float64 through memory (no
     vectorised conversion), so the statistics compile for AVX2 (:func:`compile_options`) while
-    the update keeps AVX-512; and its C++ outer-loop fusion of a reduction with in-place writes
-    fails (``KeyError`` in ``is_all_write_read_contiguous``, which looks up the read of a
-    buffer in the node that only waits for it, a "weak" user; pytorch/pytorch#188228, #196570).
+    the update keeps AVX-512; and where its C++ backend fuses a reduction with the in-place
+    writes of W and M into one outer loop (it does for "both"), it fails (``KeyError`` in
+    ``is_all_write_read_contiguous``, which looks up the read of a buffer in the node that only
+    waits for it, a "weak" user; pytorch/pytorch#188228, #196570).
     The update's graph reads the sums from the statistics' graph: a few bytes per slice, no
     collective."""
     axes = stage_axes(variant, axis)
@@ -228,7 +229,7 @@ def one_kernel_step(variant: str, axis: int, sharded: set[int], device_type: str
     v1/v2 step that sums rows it holds whole (axis 1, not sharded: FSDP2's every other step).
     Each program then sums its rows and updates them, reading them a second time while they
     are likely still in cache; a column sum (axis 0) is a kernel of its own, and so is every
-    step on CPU (see :func:`segments`). ``tests/test_triton_plan.py`` checks the kernel counts
+    step on CPU (see :func:`segments`). ``tests/test_kernels.py`` checks the kernel counts
     with inductor's Triton scheduler, which runs without a GPU."""
     return device_type != "cpu" and variant != "both" and axis == 1 and axis not in sharded
 
